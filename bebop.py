@@ -1,0 +1,1203 @@
+"""
+bebop: the Bebop recipe for fast RL rollouts, in one file.
+
+Paper: "Breaking Entropy Bounds: Accelerating RL Training via MTP with Rejection Sampling"
+(Li, Jiang et al., arXiv 2606.12370). The recipe: a multi-token-prediction (MTP) layer drafts tokens,
+the policy verifies them all in one forward, exact rejection sampling keeps every rollout on-policy,
+and the MTP layer is trained once before RL with an end-to-end total-variation loss (Eq. 13) so that
+its acceptance stays high while GRPO changes the policy.
+
+Run it:
+    pip install -r requirements.txt && python bebop.py        # SFT -> MTP training -> GRPO -> timing
+    pip install -r requirements.txt && python -m pytest -q    # the test suite
+
+Sections (search for the ruler lines "# ---"):
+    1. Config         GPTConfig and the named presets
+    2. Model          RMSNorm, rotary attention, static KV cache with per-row positions, GPT, MTP layer
+    3. Losses         CE, KL, reverse KL, per-step TV (Eq. 10/11, memory-lean), end-to-end TV (Eq. 13)
+    4. Sampling       temperature, exponential-race sampling, the exact rejection sampler (RS and TO)
+    5. Generation     plain autoregressive and MTP speculative decoding over the same cache machinery
+    6. Toy task       "write N digits that sum to S" in a random Markov style, and its reward
+    7. Training       SFT, pre-RL MTP training, GRPO with speculative rollouts
+    8. main()         argparse, progress bars, checkpoints, the summary
+
+Notation follows the paper: p is the target (policy) distribution, q the draft (MTP) distribution,
+gamma the number of drafted tokens per round, alpha the acceptance rate, d_TV the total variation.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Config
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 14        # the toy task's characters: digits, "SN=" and the end-of-answer "."
+    block_size: int = 48        # longest sequence, including the gamma lookahead of speculative decoding
+    n_layer: int = 4            # backbone depth; verification costs n_layer blocks, a draft step one block
+    n_head: int = 4
+    n_embd: int = 128
+    mlp_ratio: int = 4          # hidden width of the MLP is mlp_ratio * n_embd
+    rope_base: float = 10000.0  # rotary positions: per-row positions are just an index into a table
+    mtp_train_steps: int = 5    # K recursive MTP steps trained before RL (paper: 5); drafting uses gamma <= K
+
+
+# Named presets. "tiny" is for tests, "cpu" is the default on a laptop, "gpu" is picked on CUDA.
+PRESETS = {
+    "tiny": dict(model=dict(n_layer=2, n_head=2, n_embd=32), sft_steps=300, mtp_steps=50, rl_steps=20,
+                 batch_size=32, rl_prompts=8, group_size=8, rl_lr=3e-4),
+    "cpu": dict(model=dict(n_layer=4, n_head=4, n_embd=128), sft_steps=1000, mtp_steps=400, rl_steps=100,
+                batch_size=64, rl_prompts=8, group_size=16, rl_lr=2e-4),
+    "gpu": dict(model=dict(n_layer=8, n_head=8, n_embd=512), sft_steps=3000, mtp_steps=1000, rl_steps=200,
+                batch_size=128, rl_prompts=32, group_size=16, rl_lr=1e-4),
+}
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, n_pos: int, base: float):
+    """cos/sin of the rotary angles for positions 0..n_pos-1, each (n_pos, head_dim/2)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(n_pos, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x1, x2) of channels by each token's own angle; x (B, nh, T, hs), cos/sin (B, 1, T, hs/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class KVCache:
+    """Preallocated keys and values of one attention layer: (B, n_head, S, head_dim), written in place.
+
+    Rows of a batch sit at different positions: every write names the absolute position of each new
+    token (pos, (B, T)). Rolling back after a rejected draft is just moving a row's position back: stale
+    entries beyond it are hidden by the attention mask and overwritten by the next write."""
+
+    def __init__(self, B, n_head, S, head_dim, device, dtype):
+        self.k = torch.zeros(B, n_head, S, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.rows = torch.arange(B, device=device)[:, None]
+
+    def writer(self, pos):
+        def write(k, v):  # k, v (B, nh, T, hs) -> the whole cache, which the mask restricts
+            self.k[self.rows, :, pos] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[self.rows, :, pos] = v.transpose(1, 2).to(self.v.dtype)
+            return self.k, self.v
+        return write
+
+
+def cache_mask(pos, S):
+    """Query at absolute position i sees cache entries 0..i: (B, T) -> (B, 1, T, S) bool.
+
+    This is the bottom-right-aligned causal mask of a verify step (T queries against a longer cache),
+    and it also hides whatever a row left beyond its position (rolled-back drafts, padding)."""
+    return (torch.arange(S, device=pos.device) <= pos[..., None]).unsqueeze(1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, rope, mask=None, kv=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv is not None:  # store the new keys/values, get back every key these queries may look at
+            k, v = kv(k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1, self.attn = RMSNorm(cfg.n_embd), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = RMSNorm(cfg.n_embd), MLP(cfg)
+
+    def forward(self, x, rope, mask=None, kv=None):
+        x = x + self.attn(self.ln_1(x), rope, mask, kv)
+        return x + self.mlp(self.ln_2(x))
+
+
+class MTPLayer(nn.Module):
+    """One MTP module, DeepSeek-V3 / Qwen3.5 style, applied recursively.
+
+    Step k takes the previous hidden g^{k-1} (g^0 = the backbone's last hidden h) and the embedding of
+    the token after it, and returns g^k, whose logits (own final norm, the backbone's shared head)
+    predict one token further ahead. It has its own attention, hence its own KV cache."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.norm_h, self.norm_e = RMSNorm(cfg.n_embd), RMSNorm(cfg.n_embd)
+        self.proj = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
+        self.block = Block(cfg)
+        self.norm_f = RMSNorm(cfg.n_embd)
+
+    def forward(self, g, emb, rope, mask=None, kv=None):
+        x = self.proj(torch.cat([self.norm_h(g), self.norm_e(emb)], dim=-1))
+        return self.block(x, rope, mask, kv)
+
+
+def mtp_chain_mask(T: int, depth: int, device=None):
+    """Attention mask of the teacher-forced MTP pass at `depth` (the "training-time test" mask).
+
+    Keys are stacked by depth: [depth-1 entries of every anchor, depth-2 entries, ..., depth entries].
+    The query of anchor t at this depth sees the depth-1 entries of anchors <= t and its own chain's
+    entries at depths 2..depth: exactly the MTP cache a draft step sees at inference (DESIGN.md)."""
+    t = torch.arange(T, device=device)
+    causal = t[None, :] <= t[:, None]                       # depth-1 entries of earlier anchors
+    own = torch.eye(T, dtype=torch.bool, device=device)     # this anchor's own chain
+    return torch.cat([causal] + [own] * (depth - 1), dim=1)  # (T, depth * T)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.mtp = MTPLayer(cfg)  # the draft model: shares wte and lm_head with the backbone
+        cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size + cfg.mtp_train_steps, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections down with depth
+            if name.endswith("proj.weight") and "mtp.proj" not in name:
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def rope(self, pos):  # (B, T) absolute positions -> cos, sin (B, 1, T, hs/2)
+        return self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+
+    def hidden(self, idx, pos=None, mask=None, kvs=None):
+        """Backbone hidden states before the final norm, (B, T, C): h_s is what predicts x_{s+1}.
+        Without a cache: plain causal attention from position 0. With one: tokens at positions `pos`."""
+        if pos is None:
+            pos = torch.arange(idx.size(1), device=idx.device).expand_as(idx)
+        x, rope = self.wte(idx), self.rope(pos)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, mask, None if kvs is None else kvs[i])
+        return x
+
+    def head(self, h):
+        return self.lm_head(self.ln_f(h))
+
+    def mtp_head(self, g):
+        # The MTP loss must reach only the MTP weights (PAPER.md): the shared head is used detached.
+        return F.linear(self.mtp.norm_f(g), self.lm_head.weight.detach())
+
+    def forward(self, idx):
+        if idx.size(1) > self.config.block_size:
+            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size {self.config.block_size}")
+        return self.head(self.hidden(idx))  # (B, T, vocab_size)
+
+    def mtp_hidden(self, idx, h, n_steps: int):
+        """Teacher-forced MTP chains for every anchor t and depth k = 1..n_steps, (B, n_steps, T, C).
+
+        Depth k at anchor t reads (g^{k-1}_t, emb(x_{t+k})) and sits at position t+k-1, as its query does
+        at inference; gradients flow through the chain (the e2e TV loss needs them). Anchors with
+        t + k > T - 1 have no input token and are garbage: the losses mask them."""
+        B, T = idx.shape
+        t = torch.arange(T, device=idx.device)
+        keys, values, out, g = [], [], [], h
+        def stack(k, v):  # this depth's keys join those of the shallower depths
+            keys.append(k), values.append(v)
+            return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+        for k in range(1, n_steps + 1):
+            nxt = F.pad(idx[:, k:], (0, k))                        # x_{t+k}, zero past the end
+            pos = (t + k - 1).expand(B, T)
+            emb = self.wte(nxt).detach()                          # shared embedding gets no MTP gradient
+            mask = mtp_chain_mask(T, k, idx.device)
+            g = self.mtp(g, emb, self.rope(pos), mask, stack)
+            out.append(g)
+        return torch.stack(out, dim=1)
+
+    def mtp_logits(self, idx, n_steps: int):
+        """(target logits (B, T, V) of the frozen backbone, draft logits (B, n_steps, T, V)).
+
+        Draft row [b, k-1, t] is q_k at anchor t; its target is the backbone's row at position t+k."""
+        with torch.no_grad():
+            h = self.hidden(idx)
+            target_logits = self.head(h)
+        return target_logits, self.mtp_head(self.mtp_hidden(idx, h, n_steps))
+
+
+class Caches:
+    """Every KV cache one generation call needs: one per backbone layer and one for the MTP layer."""
+
+    def __init__(self, model: GPT, B: int, S: int):
+        cfg, p = model.config, next(model.parameters())
+        hs = cfg.n_embd // cfg.n_head
+        self.S = S
+        self.backbone = [KVCache(B, cfg.n_head, S, hs, p.device, p.dtype) for _ in range(cfg.n_layer)]
+        self.mtp = KVCache(B, cfg.n_head, S, hs, p.device, p.dtype)
+
+
+def backbone_step(model: GPT, caches: Caches, tokens, pos):
+    """Cached backbone forward of tokens (B, T) at positions pos (B, T): (logits, hidden)."""
+    kvs = [c.writer(pos) for c in caches.backbone]
+    h = model.hidden(tokens, pos, cache_mask(pos, caches.S), kvs)
+    return model.head(h), h
+
+
+def mtp_step(model: GPT, caches: Caches, g, tokens, pos):
+    """Cached MTP forward: inputs (g (B, T, C), tokens (B, T)) written at positions pos (B, T)."""
+    return model.mtp(g, model.wte(tokens), model.rope(pos), cache_mask(pos, caches.S), caches.mtp.writer(pos))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Losses for the MTP layer. The target p (the backbone's own distribution) is always detached.
+
+
+class TVDistance(torch.autograd.Function):
+    """Per-row d_TV(p, q) = 1 - sum_v min(p_v, q_v) with q = softmax(z), memory-lean (App. F).
+
+    Forward never keeps the softmax: it saves the inputs it was given, and per row only the
+    log-sum-exp and S = sum_v q_v 1[q_v <= p_v]. Backward recomputes q chunk by chunk and applies
+    the analytic gradient of Eq. 11, dL/dz = q (S - 1 + 1[q > p]) (bounded by q, Prop. 3).
+    Works for any vocabulary size; `chunk` rows are materialised at a time."""
+
+    @staticmethod
+    def forward(ctx, z, p, chunk: int):
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        tv = torch.empty(z.size(0), device=z.device, dtype=dtype)
+        lse, S = torch.empty_like(tv), torch.empty_like(tv)
+        for i in range(0, z.size(0), chunk):
+            zc, pc = z[i:i + chunk].to(dtype), p[i:i + chunk].to(dtype)
+            lse[i:i + chunk] = torch.logsumexp(zc, dim=-1)
+            q = torch.exp(zc - lse[i:i + chunk, None])
+            tv[i:i + chunk] = 1 - torch.minimum(pc, q).sum(-1)   # Eq. 10, one row at a time
+            S[i:i + chunk] = (q * (q <= pc)).sum(-1)
+        ctx.save_for_backward(z, p, lse, S)
+        ctx.chunk = chunk
+        return tv
+
+    @staticmethod
+    def backward(ctx, grad_tv):
+        z, p, lse, S = ctx.saved_tensors
+        grad_z = torch.empty_like(z)
+        for i in range(0, z.size(0), ctx.chunk):
+            sl = slice(i, i + ctx.chunk)
+            q = torch.exp(z[sl].to(lse.dtype) - lse[sl, None])
+            g = q * (S[sl, None] - 1 + (q > p[sl].to(lse.dtype)).to(q.dtype))  # Eq. 11
+            grad_z[sl] = (grad_tv[sl, None] * g).to(z.dtype)
+        return grad_z, None, None
+
+
+def tv_distance(draft_logits, target_probs, chunk: int = 4096):
+    """d_TV(p, softmax(draft_logits)) over the last axis, (..., V) -> (...). p gets no gradient."""
+    V = draft_logits.size(-1)
+    tv = TVDistance.apply(draft_logits.reshape(-1, V), target_probs.detach().reshape(-1, V), chunk)
+    return tv.view(draft_logits.shape[:-1])
+
+
+def e2e_tv_loss(draft_logits, target_probs, mask=None):
+    """End-to-end TV loss, Eq. 13: 1 - (1/gamma) sum_j prod_{i<=j} (1 - d_TV(p_i, q_i)), averaged.
+
+    draft_logits, target_probs (N, gamma, V): one chain of gamma steps per row. mask (N, gamma) marks
+    the steps that exist; it must be a prefix per row (a chain that runs past the end just stops), and
+    a chain with k valid steps is normalised by k. No stop-gradient inside the products: earlier steps
+    get more weight by themselves, because they sit in every later product."""
+    alpha = 1 - tv_distance(draft_logits, target_probs)               # per-step acceptance, Eq. 2
+    if mask is None:
+        mask = torch.ones_like(alpha, dtype=torch.bool)
+    alpha = torch.where(mask, alpha, torch.ones_like(alpha))
+    expected_len = (torch.cumprod(alpha, dim=1) * mask).sum(1)       # Eq. 12 with measured alphas
+    steps = mask.sum(1)
+    keep = steps > 0
+    return (1 - expected_len[keep] / steps[keep]).mean()
+
+
+MTP_LOSSES = ("ce", "kl", "rkl", "tv", "e2e_tv")
+
+
+def mtp_loss(kind: str, draft_logits, target_logits, labels, mask):
+    """One of the paper's MTP objectives on chains laid out (N, K, V), targets detached.
+
+    ce: cross-entropy on the data's tokens (hard labels); kl: forward KL(p || q); rkl: reverse KL(q || p);
+    tv: per-step TV (Eq. 10); e2e_tv: end-to-end TV (Eq. 13). mask (N, K) is a prefix per chain."""
+    if kind not in MTP_LOSSES:
+        raise ValueError(f"unknown MTP loss {kind!r}; choose one of {MTP_LOSSES}")
+    target_logp = F.log_softmax(target_logits.detach().float(), dim=-1)
+    if kind == "e2e_tv":
+        return e2e_tv_loss(draft_logits, target_logp.exp(), mask)
+    if kind == "tv":
+        per = tv_distance(draft_logits, target_logp.exp())
+    elif kind == "ce":
+        per = F.cross_entropy(draft_logits.flatten(0, -2).float(), labels.flatten(), reduction="none").view(labels.shape)
+    else:
+        draft_logq = F.log_softmax(draft_logits.float(), dim=-1)
+        if kind == "kl":
+            per = (target_logp.exp() * (target_logp - draft_logq)).sum(-1)
+        else:
+            per = (draft_logq.exp() * (draft_logq - target_logp)).sum(-1)
+    return (per * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Sampling. Everything here runs on the device without a host sync, so it can be graph-captured.
+
+
+def probs_from_logits(logits, temperature: float):
+    """Sampling distribution at a temperature, in float32; temperature 0 is greedy (a one-hot)."""
+    logits = logits.float()
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
+    return F.softmax(logits / temperature, dim=-1)
+
+
+def logprobs_of(logits, tokens, temperature: float):
+    """log p(token) at the sampling temperature (temperature 0 reports the untempered policy)."""
+    logp = F.log_softmax(logits.float() / (temperature or 1.0), dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def sample(probs, generator=None):
+    """One draw per row from unnormalised probs (..., V): argmax of probs / Exp(1) noise.
+
+    The smallest of the independent Exp(1)/probs_v is Exp(sum probs) and lands on v with chance
+    probs_v / sum(probs), so no normalisation, cumsum or host sync is needed; zeros never win."""
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+def rejection_sample(target_probs, draft_probs, draft_tokens, generator=None):
+    """Exact speculative sampling for a batch: every emitted token is distributed as the target p.
+
+    target_probs (B, gamma+1, V): p at each draft position, plus the row after the last draft.
+    draft_probs (B, gamma, V): the q each draft token was drawn from; a one-hot at argmax q turns
+    this into the target-only rule (TO, Eq. 1), where acceptance is p(argmax q).
+    draft_tokens (B, gamma). Returns n_accepted (B,) in 0..gamma and tokens (B, gamma+1): the first
+    n_accepted are the drafts, position n_accepted holds the correction drawn from the residual
+    max(0, p - q) renormalised, or the bonus drawn from row gamma when every draft was accepted.
+    Entries after n_accepted are left-over drafts: ignore them."""
+    B, gamma = draft_tokens.shape
+    p = target_probs.float()
+    q = draft_probs.float()
+    p_d = p[:, :gamma].gather(-1, draft_tokens[..., None]).squeeze(-1)   # (B, gamma)
+    q_d = q.gather(-1, draft_tokens[..., None]).squeeze(-1)
+    u = torch.rand(B, gamma, device=p.device, generator=generator)
+    accepted = u * q_d < p_d                                  # accept with prob min(1, p/q)
+    n = accepted.long().cumprod(dim=1).sum(dim=1)             # drafts accepted before the first reject
+    # Correction or bonus: residual of row n, where the "draft" of row gamma is nothing (q = 0).
+    rows = torch.arange(B, device=p.device)
+    p_n = p[rows, n]                                          # (B, V)
+    q_n = F.pad(q, (0, 0, 0, 1))[rows, n]
+    residual = (p_n - q_n).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)  # p == q: never rejected
+    new = sample(residual, generator)
+    tokens = torch.cat([draft_tokens, draft_tokens[:, -1:]], dim=1)
+    tokens.scatter_(1, n[:, None], new[:, None])
+    return n, tokens
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Generation
+
+
+@dataclass
+class Generation:
+    tokens: object        # (B, T_prompt + max_new_tokens) for equal-length prompts, else a list of 1-D rows
+    new_tokens: torch.Tensor  # (B, max_new_tokens); after an EOS the row is padded with the EOS id
+    logprobs: torch.Tensor    # (B, max_new_tokens) target log p of each emitted token; 0 after EOS
+    mask: torch.Tensor        # (B, max_new_tokens) True for emitted tokens up to and including EOS
+    stats: dict = field(default_factory=dict)
+
+
+def prepare_prompts(model: GPT, prompt, max_new_tokens: int, lookahead: int):
+    """Validate prompts and right-pad them into one (B, P) batch; returns (idx, lengths, ragged)."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    if isinstance(prompt, torch.Tensor) and prompt.dim() == 2:
+        rows, ragged = list(prompt), False
+    elif isinstance(prompt, (list, tuple)) and len(prompt) > 0:
+        rows, ragged = [torch.as_tensor(r, dtype=torch.long) for r in prompt], True
+    else:
+        raise ValueError("prompt must be a (B, T) LongTensor or a non-empty list of 1-D token tensors")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    lengths = torch.tensor([r.numel() for r in rows])
+    if lengths.min() == 0:
+        raise ValueError("empty prompt: every prompt needs at least one token")
+    if any(r.dim() != 1 for r in rows):
+        raise ValueError("each prompt must be a 1-D sequence of token ids")
+    P = int(lengths.max())
+    if P > cfg.block_size:
+        raise ValueError(f"prompt length {P} exceeds block_size {cfg.block_size}")
+    if P + max_new_tokens + lookahead > cfg.block_size:
+        raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) + lookahead ({lookahead}) = "
+                         f"{P + max_new_tokens + lookahead} exceeds block_size {cfg.block_size}")
+    idx = torch.zeros(len(rows), P, dtype=torch.long)
+    for b, r in enumerate(rows):
+        idx[b, :r.numel()] = r
+    if idx.min() < 0 or idx.max() >= cfg.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got range [{idx.min()}, {idx.max()}]")
+    return idx.to(device), lengths.to(device), ragged
+
+
+def check_sampling_args(temperature, eos, vocab_size):
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if eos is not None and not 0 <= eos < vocab_size:
+        raise ValueError(f"eos must be a token id in [0, {vocab_size}), got {eos}")
+
+
+def finish(idx, lengths, ragged, new_tokens, logprobs, eos, stats):
+    """Pad after the first EOS and assemble prompt + new tokens."""
+    mask = torch.ones_like(new_tokens, dtype=torch.bool)
+    if eos is not None:
+        is_eos = (new_tokens == eos).long()
+        mask = (is_eos.cumsum(1) - is_eos) == 0                  # up to and including the first EOS
+        new_tokens = torch.where(mask, new_tokens, torch.full_like(new_tokens, eos))
+        logprobs = torch.where(mask, logprobs, torch.zeros_like(logprobs))
+    if ragged:
+        tokens = [torch.cat([idx[b, :lengths[b]], new_tokens[b]]) for b in range(idx.size(0))]
+    else:
+        tokens = torch.cat([idx, new_tokens], dim=1)
+    return Generation(tokens, new_tokens, logprobs, mask, stats)
+
+
+@torch.no_grad()
+def generate(model: GPT, prompt, max_new_tokens: int, *, temperature: float = 1.0, generator=None, eos=None):
+    """Plain autoregressive sampling: one backbone forward per token, batched, KV-cached."""
+    check_sampling_args(temperature, eos, model.config.vocab_size)
+    idx, lengths, ragged = prepare_prompts(model, prompt, max_new_tokens, lookahead=0)
+    B, P = idx.shape
+    caches = Caches(model, B, P + max_new_tokens)
+    rows = torch.arange(B, device=idx.device)
+    logits, _ = backbone_step(model, caches, idx, torch.arange(P, device=idx.device).expand(B, P))
+    logits = logits[rows, lengths - 1]                      # each row's last prompt position
+    pos = lengths.clone()                                   # where the next token goes
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    new_tokens, logprobs = [], []
+    for i in range(max_new_tokens):
+        x = sample(probs_from_logits(logits, temperature), generator)
+        new_tokens.append(x)
+        logprobs.append(logprobs_of(logits, x, temperature))
+        if eos is not None:
+            done |= x == eos
+        if i + 1 == max_new_tokens or (eos is not None and bool(done.all())):
+            break
+        logits, _ = backbone_step(model, caches, x[:, None], pos[:, None])
+        logits, pos = logits[:, 0], pos + 1
+    new_tokens, logprobs = torch.stack(new_tokens, 1), torch.stack(logprobs, 1)
+    if new_tokens.size(1) < max_new_tokens:   # every row ended early: pad (finish() masks past EOS)
+        new_tokens = F.pad(new_tokens, (0, max_new_tokens - new_tokens.size(1)), value=eos)
+        logprobs = F.pad(logprobs, (0, max_new_tokens - logprobs.size(1)))
+    stats = dict(target_forwards=i + 1, accept_length=1.0)
+    return finish(idx, lengths, ragged, new_tokens, logprobs, eos, stats)
+
+
+DRAFT_RULES = ("sample", "greedy")
+
+
+def draft_tokens(model: GPT, caches: Caches, g1, L, gamma: int, temperature: float, greedy: bool, generator=None):
+    """Draft gamma tokens with the MTP layer, starting from g^1 at anchor L-1 (B, C).
+
+    Step k >= 2 reads (g^{k-1}, emb(d_{k-1})) at MTP-cache position L+k-2. Returns the draft logits
+    (B, gamma, V), the distributions q the drafts were drawn from (one-hot for the greedy/TO rule),
+    and the drafts (B, gamma)."""
+    logits, qs, ds, g = [], [], [], g1
+    for k in range(1, gamma + 1):
+        if k > 1:
+            g = mtp_step(model, caches, g[:, None], ds[-1][:, None], (L + k - 2)[:, None])[:, 0]
+        z = model.mtp_head(g)
+        q = probs_from_logits(z, temperature)
+        d = q.argmax(-1) if greedy else sample(q, generator)
+        logits.append(z), qs.append(F.one_hot(d, q.size(-1)).float() if greedy else q), ds.append(d)
+    return torch.stack(logits, 1), torch.stack(qs, 1), torch.stack(ds, 1)
+
+
+@torch.no_grad()
+def speculative_generate(model: GPT, prompt, max_new_tokens: int, *, gamma: int = 3, temperature: float = 1.0,
+                         draft: str = "sample", generator=None, eos=None, trace=None):
+    """MTP speculative decoding with exact verification, batched, rows advancing at their own pace.
+
+    A round (DESIGN.md): the MTP layer drafts d_1..d_gamma; the backbone verifies [x_L, d_1..d_gamma]
+    at positions L..L+gamma in one forward; rejection_sample accepts n drafts and adds one token; the
+    MTP layer then reads the depth-1 inputs (h_{L+i}, emb(token i)) of the gamma+1 new anchors (entries
+    past n are garbage, later hidden and overwritten) and its output at index n is the next g^1.
+    draft="sample" is rejection sampling (RS); draft="greedy" is target-only verification (TO).
+    Pass a list as `trace` to record every round's internals (tests and the tutorial use it)."""
+    if draft not in DRAFT_RULES:
+        raise ValueError(f"unknown draft rule {draft!r}; choose one of {DRAFT_RULES}")
+    if not isinstance(gamma, int) or gamma < 1:
+        raise ValueError(f"gamma must be an integer >= 1, got {gamma}")
+    check_sampling_args(temperature, eos, model.config.vocab_size)
+    idx, lengths, ragged = prepare_prompts(model, prompt, max_new_tokens, lookahead=gamma)
+    B, P = idx.shape
+    dev = idx.device
+    S = P + max_new_tokens + gamma
+    caches = Caches(model, B, S)
+    rows, ahead = torch.arange(B, device=dev), torch.arange(gamma + 1, device=dev)
+
+    # Prefill: the backbone reads the prompt and samples the first new token x_L, L = prompt length.
+    pos = torch.arange(P, device=dev).expand(B, P)
+    logits, h = backbone_step(model, caches, idx, pos)
+    last = logits[rows, lengths - 1]
+    x = sample(probs_from_logits(last, temperature), generator)
+    # The MTP layer reads the depth-1 inputs (h_s, emb(x_{s+1})) of every prompt anchor.
+    nxt = F.pad(idx[:, 1:], (0, 1))
+    nxt[rows, lengths - 1] = x
+    g1 = mtp_step(model, caches, h, nxt, pos)[rows, lengths - 1]
+
+    width = max_new_tokens + gamma + 1   # a round may write gamma+1 tokens past the last needed one
+    out_tokens = torch.zeros(B, width, dtype=torch.long, device=dev)
+    out_logprobs = torch.zeros(B, width, device=dev)
+    out_tokens[:, 0], out_logprobs[:, 0] = x, logprobs_of(last, x, temperature)
+    count = torch.ones(B, dtype=torch.long, device=dev)     # tokens emitted so far per row
+    L = lengths.clone()                                     # position of x_L, not yet in the backbone
+    L_max = S - gamma - 1                                   # finished rows idle here, inside the cache
+    done = count >= max_new_tokens
+    if eos is not None:
+        done |= x == eos
+    reached = torch.zeros(gamma, device=dev)
+    accepted = torch.zeros(gamma, device=dev)
+    emitted, row_rounds, rounds = torch.zeros((), device=dev), torch.zeros((), device=dev), 0
+
+    while not bool(done.all()):
+        active = ~done
+        draft_logits, q, d = draft_tokens(model, caches, g1, L, gamma, temperature, draft == "greedy", generator)
+        vpos = L[:, None] + ahead                                            # (B, gamma+1)
+        target_logits, h = backbone_step(model, caches, torch.cat([x[:, None], d], 1), vpos)
+        n, tokens = rejection_sample(probs_from_logits(target_logits, temperature), q, d, generator)
+        g1 = mtp_step(model, caches, h, tokens, vpos)[rows, n]              # next round's g^1
+        if trace is not None:
+            trace.append(dict(L=L.clone(), n=n, tokens=tokens, drafts=d, draft_logits=draft_logits,
+                              target_logits=target_logits, active=active))
+        # Emit, advance each active row by its own n+1, keep finished rows parked.
+        lp = logprobs_of(target_logits, tokens, temperature)
+        write = torch.where(active[:, None], count[:, None] + ahead, width - 1)
+        valid = active[:, None] & (ahead[None, :] <= n[:, None])
+        out_tokens.scatter_(1, write, torch.where(valid, tokens, out_tokens.gather(1, write)))
+        out_logprobs.scatter_(1, write, torch.where(valid, lp, out_logprobs.gather(1, write)))
+        count = count + torch.where(active, n + 1, 0)
+        L = torch.where(active, torch.clamp(L + n + 1, max=L_max), L)
+        x = torch.where(active, tokens[rows, n], x)
+        # Acceptance per draft step, conditional on reaching it (drafts 1..j-1 accepted).
+        reached += (active[:, None] & (n[:, None] >= ahead[None, :gamma])).sum(0)
+        accepted += (active[:, None] & (n[:, None] >= ahead[None, 1:])).sum(0)
+        emitted += ((n + 1) * active).sum()
+        row_rounds += active.sum()
+        rounds += 1
+        done = done | (count >= max_new_tokens)
+        if eos is not None:
+            done |= (valid & (tokens == eos)).any(1)
+
+    stats = dict(acceptance=(accepted / reached.clamp(min=1)).tolist(),
+                 accept_length=float(emitted / row_rounds.clamp(min=1)),
+                 target_forwards=rounds + 1, rounds=rounds, drafts_reached=reached.tolist())
+    return finish(idx, lengths, ragged, out_tokens[:, :max_new_tokens], out_logprobs[:, :max_new_tokens], eos, stats)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Toy task: "write N digits that sum to S", in a house style.
+#
+# Why this task: the reward is verifiable and exact; every prompt has many correct answers, so the
+# policy keeps real entropy; answers are 16-32 digits plus an end mark, so rollouts dominate a step;
+# and hitting the sum exactly needs a running total that a small model learns only roughly from SFT,
+# leaving room for GRPO. The SFT answers follow a random order-2 Markov "style" (Dirichlet(0.25) rows),
+# so the policy's next-digit distributions are peaked in some contexts and spread in others, as in
+# language. Uniform digits would be trivially easy to draft and would hide every effect in the paper.
+
+VOCAB = "0123456789SN=."   # digits are their own ids; "." ends the answer
+EOS = VOCAB.index(".")
+PROMPT_LEN = 8             # "S" + 3 digits + "N" + 2 digits + "=", e.g. "S087N19="
+
+
+def encode(text: str):
+    return torch.tensor([VOCAB.index(c) for c in text], dtype=torch.long)
+
+
+def decode(tokens) -> str:
+    return "".join(VOCAB[int(t)] for t in tokens)
+
+
+class DigitSumTask:
+    def __init__(self, seed: int = 1234, n_min: int = 16, n_max: int = 32, concentration: float = 0.25):
+        self.n_min, self.n_max = n_min, n_max
+        g = torch.Generator().manual_seed(seed)
+        # style[a, b] = law of the next digit after digits a, b (10 = "no digit yet"): Dirichlet rows
+        gam = torch._standard_gamma(torch.full((11, 11, 10), concentration), generator=g)
+        self.style = gam / gam.sum(-1, keepdim=True)
+        self.max_new_tokens = n_max + 1          # the digits and the end mark
+        self.seq_len = PROMPT_LEN + n_max + 1
+
+    def sample_answers(self, B: int, generator):
+        """(digits (B, n_max), N (B,), S (B,)) drawn from the style; digits past N are padding."""
+        N = torch.randint(self.n_min, self.n_max + 1, (B,), generator=generator)
+        digits = torch.zeros(B, self.n_max, dtype=torch.long)
+        a = b = torch.full((B,), 10)
+        for i in range(self.n_max):  # a loop over positions, never over rows
+            digits[:, i] = torch.multinomial(self.style[a, b], 1, generator=generator)[:, 0]
+            a, b = b, digits[:, i]
+        digits = digits * (torch.arange(self.n_max) < N[:, None])
+        return digits, N, digits.sum(1)
+
+    @staticmethod
+    def prompt_tokens(S, N):
+        """(B, PROMPT_LEN) tokens of "S{S:03d}N{N:02d}=" without going through strings."""
+        B = S.size(0)
+        col = lambda v: torch.full((B,), VOCAB.index(v))
+        return torch.stack([col("S"), S // 100, S // 10 % 10, S % 10, col("N"), N // 10, N % 10, col("=")], 1)
+
+    def prompts(self, B: int, generator):
+        """Prompts whose targets are reachable in the house style: (idx (B, 8), S, N)."""
+        _, N, S = self.sample_answers(B, generator)
+        return self.prompt_tokens(S, N), S, N
+
+    def sft_batch(self, B: int, generator):
+        """Teacher-forcing sequences (B, seq_len) [prompt, N digits, ".", padding] and their lengths."""
+        digits, N, S = self.sample_answers(B, generator)
+        answer = torch.cat([digits, torch.full((B, 1), EOS)], 1)
+        answer.scatter_(1, N[:, None], EOS)                       # "." right after the N-th digit
+        seq = torch.cat([self.prompt_tokens(S, N), answer], 1)
+        lengths = PROMPT_LEN + N + 1
+        seq = torch.where(torch.arange(self.seq_len) < lengths[:, None], seq, EOS)
+        return seq, lengths
+
+    @staticmethod
+    def reward(new_tokens, S, N):
+        """Reward in [0, 1] and exact-correctness of answers (B, T) for targets S, N (B,).
+
+        Well-formed = digits then ".". Then half a point for the right count and up to half a point for
+        the sum, falling linearly to 0 at 10 away from S; 1.0 exactly when count and sum are both right."""
+        T = new_tokens.size(1)
+        is_end = new_tokens == EOS
+        length = torch.where(is_end.any(1), is_end.float().argmax(1), T)
+        before = torch.arange(T, device=new_tokens.device) < length[:, None]
+        well_formed = is_end.any(1) & ((new_tokens < 10) | ~before).all(1)
+        total = torch.where(before, new_tokens, 0).sum(1)
+        S, N = S.to(new_tokens.device), N.to(new_tokens.device)
+        right_len, right_sum = length == N, total == S
+        closeness = (1 - (total - S).abs().float() / 10).clamp(min=0)
+        r = well_formed.float() * (0.5 * right_len.float() + 0.5 * closeness)
+        return r, well_formed & right_len & right_sum
+
+
+def answer_mask(lengths, T: int, device=None):
+    """Positions (of T inputs) whose next token is part of the answer: PROMPT_LEN-1 .. length-2."""
+    t = torch.arange(T, device=device)
+    return (t >= PROMPT_LEN - 1) & (t <= lengths[:, None] - 2)
+
+
+def mtp_chain_targets(seq, lengths, target_logits, draft_logits):
+    """Lay out teacher-forced chains for the MTP losses: one chain per anchor t >= PROMPT_LEN-1.
+
+    Returns (draft logits (N, K, V), target logits (N, K, V), labels (N, K), mask (N, K)). Step k of
+    anchor t targets the backbone's row at position t+k (its own next-token law, detached) and the data
+    token x_{t+k+1}; a step whose target lies past the answer's end is masked (a prefix per chain)."""
+    B, K, T, V = draft_logits.shape
+    t = torch.arange(T, device=seq.device)
+    k = torch.arange(1, K + 1, device=seq.device)
+    tgt = (t[None, :] + k[:, None]).clamp(max=T - 1)                        # (K, T)
+    targets = target_logits[:, tgt]                                         # (B, K, T, V)
+    labels = F.pad(seq, (0, 1))[:, (tgt + 1).clamp(max=T)]                  # (B, K, T)
+    mask = (t >= PROMPT_LEN - 1)[None, None, :] & (t[None, None, :] + k[None, :, None] <= lengths[:, None, None] - 2)
+    chain = lambda x: x.transpose(1, 2).flatten(0, 1)                       # (B, K, T, ...) -> (B*T, K, ...)
+    keep = mask[:, 0].flatten()                                             # anchors with at least one step
+    return chain(draft_logits)[keep], chain(targets)[keep], chain(labels)[keep], chain(mask)[keep]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Training: SFT of the backbone, pre-RL MTP training (backbone frozen), GRPO with speculative rollouts.
+
+
+def lr_at(step: int, total: int, base: float, warmup: int):
+    """Linear warmup, then cosine decay to 10% of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def backbone_parameters(model: GPT):
+    return [p for n, p in model.named_parameters() if not n.startswith("mtp.")]
+
+
+def sft_loss(model: GPT, seq, lengths):
+    """Next-token cross-entropy on the answer tokens only (digits and the end mark)."""
+    logits = model(seq[:, :-1])
+    mask = answer_mask(lengths, seq.size(1) - 1, seq.device)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), seq[:, 1:].flatten(), reduction="none").view(mask.shape)
+    return (ce * mask).sum() / mask.sum()
+
+
+def mtp_training_loss(model: GPT, kind: str, seq, lengths, n_steps: int):
+    """MTP loss teacher-forced on sequences; the backbone is frozen (no gradient reaches it)."""
+    target_logits, draft_logits = model.mtp_logits(seq, n_steps)
+    draft, target, labels, mask = mtp_chain_targets(seq, lengths, target_logits, draft_logits)
+    return mtp_loss(kind, draft, target, labels, mask)
+
+
+def group_advantages(rewards, group_size: int, eps: float = 1e-6):
+    """GRPO: (R - mean_G) / (std_G + eps) within each group of G samples of one prompt."""
+    R = rewards.view(-1, group_size)
+    return ((R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + eps)).flatten()
+
+
+def grpo_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2, kl_coef: float = 0.0, ref_logp=None):
+    """Clipped-ratio surrogate (Eq. 3), averaged per token within a sample, then over samples.
+
+    logp (B, T) from the trainer's forward; old_logp (B, T) straight from the rollout (no extra
+    forward); optional k3 estimate of KL(pi || pi_ref) to a frozen reference."""
+    ratio = torch.exp(logp - old_logp)
+    A = advantages[:, None]
+    surrogate = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
+    per_token = -surrogate
+    if kl_coef > 0:
+        log_r = ref_logp - logp
+        per_token = per_token + kl_coef * (torch.exp(log_r) - log_r - 1)
+    mask = mask.float()
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def policy_logprobs(model: GPT, tokens, prompt_len: int):
+    """Trainer-side log p and entropy of every generated token: (logp (B, T_new), entropy (B, T_new))."""
+    logits = model(tokens[:, :-1])[:, prompt_len - 1:].float()
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, tokens[:, prompt_len:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "cpu"
+    seed: int = 1337
+    task_seed: int = 1234        # fixes the house style of the toy task
+    sft_steps: int = 1000
+    sft_lr: float = 3e-3
+    batch_size: int = 64
+    mtp_steps: int = 400
+    mtp_lr: float = 3e-3
+    mtp_loss: str = "e2e_tv"     # the paper's headline objective (Eq. 13)
+    rl_steps: int = 100
+    rl_lr: float = 2e-4
+    rl_prompts: int = 8          # prompts per GRPO step; each gets group_size samples
+    group_size: int = 16
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0
+    gamma: int = 3               # drafted tokens per round at rollout time (paper: 3)
+    rollout: str = "spec"        # "spec" (MTP speculative, RS) or "ar" (plain)
+    draft: str = "sample"        # "sample" = rejection sampling (RS), "greedy" = target-only (TO)
+    mtp_online: str = "none"     # "none" keeps the MTP layer frozen in RL (the paper's recipe)
+    mtp_online_lr: float = 3e-4
+    grad_clip: float = 1.0
+    eval_prompts: int = 256      # held-out prompts, fixed by task_seed
+    ckpt_every: int = 50
+
+
+def build_config(train: TrainConfig, task: "DigitSumTask") -> GPTConfig:
+    """The model config of a preset, sized so prompt + answer + the speculative lookahead fit."""
+    cfg = GPTConfig(**PRESETS[train.preset]["model"])
+    cfg.block_size = max(cfg.block_size, task.seq_len + cfg.mtp_train_steps)
+    return cfg
+
+
+def atomic_save(obj, path: str):
+    """Write a checkpoint to a temporary file, then rename: a crash never leaves half a file."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Run:
+    """Output folder, JSON-lines log and per-stage checkpoints of one `python bebop.py` run."""
+
+    def __init__(self, out: str, train: TrainConfig, model_cfg: GPTConfig, resume: bool):
+        self.out, self.train, self.model_cfg = out, train, model_cfg
+        os.makedirs(out, exist_ok=True)
+        if not resume:
+            for stage in ("sft", "mtp", "grpo"):
+                if os.path.exists(self.path(stage)):
+                    os.remove(self.path(stage))
+        self.log_file = open(os.path.join(out, "log.jsonl"), "a" if resume else "w")
+
+    def path(self, stage):
+        return os.path.join(self.out, f"{stage}.pt")
+
+    def log(self, stage, step, **metrics):
+        self.log_file.write(json.dumps(dict(stage=stage, step=step, **metrics)) + "\n")
+        self.log_file.flush()
+
+    def save(self, stage, step, done, model, optimizer, generators, extra=None):
+        atomic_save(dict(stage=stage, step=step, done=done, model=model.state_dict(),
+                         optimizer=optimizer.state_dict(), generators=[g.get_state() for g in generators],
+                         torch_rng=torch.get_rng_state(), train=asdict(self.train),
+                         model_config=asdict(self.model_cfg), extra=extra or {}), self.path(stage))
+
+    def load(self, stage):
+        """The stage's checkpoint, or None; refuses one made with another model config."""
+        if not os.path.exists(self.path(stage)):
+            return None
+        try:
+            ckpt = torch.load(self.path(stage), map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ValueError(f"checkpoint {self.path(stage)} is unreadable ({type(e).__name__}); "
+                             f"delete it or run without --resume") from None
+        mismatch = {k: (v, ckpt["model_config"].get(k)) for k, v in asdict(self.model_cfg).items()
+                    if ckpt["model_config"].get(k) != v}
+        if mismatch:
+            k, (now, then) = next(iter(mismatch.items()))
+            raise ValueError(f"checkpoint {self.path(stage)} was made with {k}={then}, this run has {k}={now}")
+        return ckpt
+
+
+def run_stage(run: Run, stage: str, steps: int, step_fn, model, optimizer, generators, describe, extra=None):
+    """The loop every stage shares: resume, tqdm bar, JSON log, periodic and Ctrl-C checkpoints.
+
+    step_fn(step) does one optimisation step and returns a dict of numbers to log; describe(metrics)
+    picks what the progress bar shows."""
+    from tqdm import tqdm
+    start = 0
+    ckpt = run.load(stage)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for g, state in zip(generators, ckpt["generators"]):
+            g.set_state(state)
+        torch.set_rng_state(ckpt["torch_rng"])
+        if extra is not None:
+            extra.update(ckpt["extra"])
+        start = ckpt["step"]
+        if ckpt["done"]:
+            return
+    # Ctrl-C finishes the step in flight, saves, then stops: a resumed run continues exactly where this
+    # one stopped. A second Ctrl-C interrupts at once.
+    interrupted = []
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, previous)
+    previous = signal.signal(signal.SIGINT, on_sigint) if is_main_thread() else None
+    try:
+        bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True, mininterval=0.5)
+        for step in bar:
+            metrics = step_fn(step)
+            run.log(stage, step, **metrics)
+            bar.set_postfix_str(describe(metrics), refresh=False)
+            if interrupted:
+                run.save(stage, step + 1, False, model, optimizer, generators, extra)
+                bar.close()
+                raise KeyboardInterrupt(f"saved {run.path(stage)} at step {step + 1}; continue with --resume")
+            if (step + 1) % run.train.ckpt_every == 0 and step + 1 < steps:
+                run.save(stage, step + 1, False, model, optimizer, generators, extra)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    run.save(stage, steps, True, model, optimizer, generators, extra)
+
+
+def is_main_thread():
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+@torch.no_grad()
+def evaluate(model: GPT, task: DigitSumTask, prompts, seed: int, gamma: int):
+    """Mean reward and exact accuracy on a fixed prompt set, sampling at temperature 1 (the policy)."""
+    idx, S, N = prompts
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(idx.device).manual_seed(seed)
+    roll = speculative_generate(model, idx, task.max_new_tokens, gamma=gamma, generator=gen, eos=EOS)
+    model.train(was_training)
+    r, acc = task.reward(roll.new_tokens, S, N)
+    return r.mean().item(), acc.float().mean().item()
+
+
+@torch.no_grad()
+def time_rollouts(model: GPT, idx, max_new_tokens: int, gamma: int, seed: int = 0, repeats: int = 3):
+    """Tokens/s of plain and speculative decoding on the same model and batch, measured alternately
+    (this machine may be shared and noisy: best of `repeats`). No EOS, so both emit exactly
+    B * max_new_tokens tokens. Returns (plain tok/s, speculative tok/s, accept length)."""
+    model.eval()
+    sync = torch.cuda.synchronize if idx.is_cuda else (lambda: None)
+    best = {"ar": float("inf"), "spec": float("inf")}
+    for _ in range(repeats):
+        for mode in ("ar", "spec"):
+            gen = torch.Generator(idx.device).manual_seed(seed)
+            sync()
+            t0 = time.perf_counter()
+            if mode == "ar":
+                generate(model, idx, max_new_tokens, generator=gen)
+            else:
+                out = speculative_generate(model, idx, max_new_tokens, gamma=gamma, generator=gen)
+            sync()
+            best[mode] = min(best[mode], time.perf_counter() - t0)
+    n = idx.size(0) * max_new_tokens
+    return n / best["ar"], n / best["spec"], out.stats["accept_length"]
+
+
+def train_sft(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
+    tc = run.train
+    opt = torch.optim.AdamW(backbone_parameters(model), lr=tc.sft_lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def step_fn(step):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, tc.sft_steps, tc.sft_lr, warmup=min(100, tc.sft_steps // 10 + 1))
+        seq, lengths = task.sft_batch(tc.batch_size, gen_data)
+        loss = sft_loss(model, seq.to(device), lengths.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(backbone_parameters(model), tc.grad_clip)
+        opt.step()
+        return dict(loss=loss.item())
+
+    model.train()
+    run_stage(run, "sft", tc.sft_steps, step_fn, model, opt, [gen_data], lambda m: f"loss {m['loss']:.3f}")
+
+
+def train_mtp(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
+    """Pre-RL MTP training: the backbone is frozen, the MTP layer learns to match its own law."""
+    tc, K = run.train, model.config.mtp_train_steps
+    opt = torch.optim.AdamW(model.mtp.parameters(), lr=tc.mtp_lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def step_fn(step):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, tc.mtp_steps, tc.mtp_lr, warmup=min(50, tc.mtp_steps // 10 + 1))
+        seq, lengths = task.sft_batch(tc.batch_size, gen_data)
+        loss = mtp_training_loss(model, tc.mtp_loss, seq.to(device), lengths.to(device), K)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.mtp.parameters(), tc.grad_clip)
+        opt.step()
+        return dict(loss=loss.item())
+
+    model.train()
+    run_stage(run, "mtp", tc.mtp_steps, step_fn, model, opt, [gen_data], lambda m: f"{tc.mtp_loss} {m['loss']:.3f}")
+
+
+def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, device, extra):
+    """GRPO with rollouts from speculative decoding (exact, so on-policy) and a frozen MTP layer."""
+    tc, G = run.train, run.train.group_size
+    opt = torch.optim.AdamW(backbone_parameters(model), lr=tc.rl_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    mtp_opt = torch.optim.AdamW(model.mtp.parameters(), lr=tc.mtp_online_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    ref = None
+    if tc.kl_coef > 0:
+        ref = GPT(model.config).to(device)
+        ref.load_state_dict(model.state_dict())
+        ref.requires_grad_(False).eval()
+
+    def step_fn(step):
+        idx, S, N = task.prompts(tc.rl_prompts, gen_data)
+        idx, S, N = (x.repeat_interleave(G, 0).to(device) for x in (idx, S, N))
+        model.eval()
+        t0 = time.perf_counter()
+        if tc.rollout == "spec":
+            roll = speculative_generate(model, idx, task.max_new_tokens, gamma=tc.gamma, draft=tc.draft,
+                                        generator=gen_roll, eos=EOS)
+        else:
+            roll = generate(model, idx, task.max_new_tokens, generator=gen_roll, eos=EOS)
+        rollout_s = time.perf_counter() - t0
+        rewards, correct = task.reward(roll.new_tokens, S, N)
+        advantages = group_advantages(rewards, G)
+
+        model.train()
+        logp, entropy = policy_logprobs(model, roll.tokens, PROMPT_LEN)
+        ref_logp = policy_logprobs(ref, roll.tokens, PROMPT_LEN)[0].detach() if ref is not None else None
+        loss = grpo_loss(logp, roll.logprobs, advantages, roll.mask, tc.clip_eps, tc.kl_coef, ref_logp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(backbone_parameters(model), tc.grad_clip)
+        opt.step()
+        if tc.mtp_online != "none":  # paper 5.3: own optimizer, learning rate and clipping
+            lengths = PROMPT_LEN + roll.mask.sum(1)
+            mtp_l = mtp_training_loss(model, tc.mtp_online, roll.tokens, lengths, model.config.mtp_train_steps)
+            mtp_opt.zero_grad(set_to_none=True)
+            mtp_l.backward()
+            torch.nn.utils.clip_grad_norm_(model.mtp.parameters(), tc.grad_clip)
+            mtp_opt.step()
+
+        mask = roll.mask.float()
+        stats = roll.stats
+        metrics = dict(loss=loss.item(), reward=rewards.mean().item(), accuracy=correct.float().mean().item(),
+                       entropy=((entropy.detach() * mask).sum() / mask.sum()).item(),
+                       tokens_per_s=mask.sum().item() / rollout_s, rollout_s=rollout_s,
+                       acceptance=stats.get("acceptance"), accept_length=stats["accept_length"],
+                       drafts_reached=stats.get("drafts_reached"))
+        extra["recent"] = (extra.get("recent", []) + [metrics])[-10:]
+        return metrics
+
+    def describe(m):
+        acc = "" if m["acceptance"] is None else " alpha " + "/".join(f"{a:.2f}" for a in m["acceptance"])
+        return (f"reward {m['reward']:.3f} acc {m['accuracy']:.2f} H {m['entropy']:.2f}{acc} "
+                f"len {m['accept_length']:.2f} {m['tokens_per_s']:.0f} tok/s")
+
+    run_stage(run, "grpo", tc.rl_steps, step_fn, model, opt, [gen_data, gen_roll], describe, extra)
+
+
+def recent_acceptance(recent):
+    """Per-step acceptance alpha_j pooled over the last RL steps (weighted by drafts reached)."""
+    recent = [m for m in recent if m["acceptance"] is not None]
+    if not recent:
+        return None
+    reached = torch.tensor([m["drafts_reached"] for m in recent])
+    accepted = reached * torch.tensor([m["acceptance"] for m in recent])
+    return (accepted.sum(0) / reached.sum(0).clamp(min=1)).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. main(): SFT -> pre-RL MTP training -> GRPO with speculative rollouts -> side-by-side timing.
+
+
+def parse_args(argv=None):
+    def positive(kind):
+        def check(text):
+            value = kind(text)
+            if value <= 0:
+                raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+            return value
+        return check
+
+    def non_negative(text):
+        value = float(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    ap = argparse.ArgumentParser(description="The Bebop recipe at toy scale: SFT, MTP training, GRPO with "
+                                             "MTP speculative rollouts.")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="model and budget (default: gpu on CUDA, else cpu)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    ap.add_argument("--out", default="out", help="output folder: checkpoints, log.jsonl, summary.json")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--mtp-loss", choices=MTP_LOSSES, default="e2e_tv", help="pre-RL MTP objective")
+    ap.add_argument("--rollout", choices=["spec", "ar"], default="spec", help="speculative or plain rollouts")
+    ap.add_argument("--draft", choices=DRAFT_RULES, default="sample",
+                    help="sample: rejection sampling (RS); greedy: target-only (TO)")
+    ap.add_argument("--gamma", type=positive(int), default=3, help="drafted tokens per round")
+    ap.add_argument("--mtp-online", choices=["none", "ce", "tv", "e2e_tv"], default="none",
+                    help="update the MTP layer during RL with this loss (default: frozen)")
+    ap.add_argument("--kl-coef", type=non_negative, default=0.0, help="k3 KL to the SFT policy")
+    for name in ("sft-steps", "mtp-steps", "rl-steps", "batch-size", "rl-prompts", "group-size"):
+        ap.add_argument(f"--{name}", type=positive(int), help="override the preset")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available on this machine (use --device cpu)")
+    if args.group_size == 1:
+        ap.error("--group-size must be >= 2: GRPO's advantage compares samples of the same prompt")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    preset = args.preset or ("gpu" if device == "cuda" else "cpu")
+    tc = TrainConfig(preset=preset, seed=args.seed, mtp_loss=args.mtp_loss, rollout=args.rollout, draft=args.draft,
+                     gamma=args.gamma, mtp_online=args.mtp_online, kl_coef=args.kl_coef)
+    for key, value in PRESETS[preset].items():
+        if key != "model":
+            setattr(tc, key, value)
+    for key in ("sft_steps", "mtp_steps", "rl_steps", "batch_size", "rl_prompts", "group_size"):
+        if getattr(args, key) is not None:
+            setattr(tc, key, getattr(args, key))
+    task = DigitSumTask(seed=tc.task_seed)
+    cfg = build_config(tc, task)
+    if tc.gamma > cfg.mtp_train_steps:
+        raise SystemExit(f"--gamma {tc.gamma}: must be <= mtp_train_steps ({cfg.mtp_train_steps}), "
+                         f"the depth the MTP layer was trained for")
+    torch.manual_seed(tc.seed)
+    model = GPT(cfg).to(device)
+    run = Run(args.out, tc, cfg, args.resume)
+    print(f"bebop: preset {preset} on {device}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+          f"({cfg.n_layer} layers + 1 MTP layer, d={cfg.n_embd}); task: write N digits that sum to S")
+    gen_data = torch.Generator().manual_seed(tc.seed)
+    gen_roll = torch.Generator(device).manual_seed(tc.seed + 1)
+    held_out = tuple(x.to(device) for x in task.prompts(tc.eval_prompts, torch.Generator().manual_seed(tc.task_seed + 1)))
+
+    train_sft(run, model, task, gen_data, device)
+    train_mtp(run, model, task, gen_data, device)
+    extra = {}
+    ckpt = run.load("grpo")
+    if ckpt is not None:
+        extra.update(ckpt["extra"])
+    if "reward_before" not in extra:
+        extra["reward_before"], extra["accuracy_before"] = evaluate(model, task, held_out, tc.seed, tc.gamma)
+    train_grpo(run, model, task, gen_data, gen_roll, device, extra)
+    reward_after, accuracy_after = evaluate(model, task, held_out, tc.seed, tc.gamma)
+
+    batch = held_out[0][:tc.rl_prompts * tc.group_size]
+    ar_tps, spec_tps, spec_len = time_rollouts(model, batch, task.max_new_tokens, tc.gamma)
+    ar_tps1, spec_tps1, _ = time_rollouts(model, batch[:1], task.max_new_tokens, tc.gamma)
+    recent = extra.get("recent", [])
+    summary = dict(
+        preset=preset, device=device, mtp_loss=tc.mtp_loss, rollout=tc.rollout, draft=tc.draft, gamma=tc.gamma,
+        reward_before=extra["reward_before"], reward_after=reward_after,
+        accuracy_before=extra["accuracy_before"], accuracy_after=accuracy_after,
+        acceptance=recent_acceptance(recent),
+        accept_length=sum(m["accept_length"] for m in recent) / max(1, len(recent)),
+        entropy=sum(m["entropy"] for m in recent) / max(1, len(recent)),
+        rollout_speedup=spec_tps / ar_tps, rollout_batch=batch.size(0),
+        tokens_per_s=dict(plain=ar_tps, speculative=spec_tps),
+        rollout_speedup_batch1=spec_tps1 / ar_tps1,
+        wall_seconds=time.time() - t_start,
+    )
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    alphas = ", ".join(f"{a:.3f}" for a in summary["acceptance"]) if summary["acceptance"] else "n/a (plain rollouts)"
+    print(f"""
+What happened
+  SFT taught a {cfg.n_layer}-layer GPT the task from examples; its MTP layer then learned, with the
+  policy frozen, to draft the policy's own next tokens ({tc.mtp_loss} loss); GRPO improved the policy with
+  rollouts drafted by that MTP layer and verified by exact rejection sampling, so they are on-policy.
+  reward on {tc.eval_prompts} held-out prompts   {summary['reward_before']:.3f} -> {reward_after:.3f}   """
+          f"""(exactly right: {summary['accuracy_before']:.1%} -> {accuracy_after:.1%})
+  acceptance per draft step (last RL steps)  {alphas}
+  tokens per policy forward            {summary['accept_length']:.2f} of at most {tc.gamma + 1}
+  policy entropy per token             {summary['entropy']:.3f} nats
+  rollout speed, batch {batch.size(0)}              {spec_tps:.0f} tok/s speculative vs {ar_tps:.0f} plain """
+          f"""-> {summary['rollout_speedup']:.2f}x
+  rollout speed, batch 1               {spec_tps1:.0f} tok/s speculative vs {ar_tps1:.0f} plain """
+          f"""-> {summary['rollout_speedup_batch1']:.2f}x
+  wall time                            {summary['wall_seconds']:.0f} s; summary in {os.path.join(args.out, 'summary.json')}""")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,566 @@
+"""Tests for bebop.py. Run: python -m pytest -q
+
+Statistical tests use fixed seeds and a chi-square test whose p-value must stay above P_MIN for the
+real sampler; each family also checks that the same test rejects deliberately broken samplers
+(p-value below P_BROKEN), so a pass means something."""
+import itertools
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bebop
+
+P_MIN = 1e-4      # a correct sampler must pass every chi-square test at this level
+P_BROKEN = 1e-8   # a broken sampler must fail at least this clearly
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def chi2_pvalue(counts, probs, min_expected=5.0):
+    """Pearson chi-square goodness of fit; cells with small expected counts are pooled into one."""
+    counts, probs = counts.double(), probs.double()
+    n = counts.sum()
+    expected = n * probs
+    big = expected >= min_expected
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    if (obs[~keep] > 0).any():   # mass where the law has none: impossible under the null
+        return 0.0
+    obs, exp = obs[keep], exp[keep]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    dof = max(int(keep.sum()) - 1, 1)
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), stat / 2))
+
+
+def tiny_model(seed=0, vocab=5, n_layer=1, n_embd=16, block_size=16, sharpen=4.0):
+    """A random model whose next-token laws are peaked and depend on the context."""
+    torch.manual_seed(seed)
+    cfg = bebop.GPTConfig(vocab_size=vocab, block_size=block_size, n_layer=n_layer, n_head=2, n_embd=n_embd)
+    model = bebop.GPT(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpen / (0.02 * math.sqrt(n_embd)))
+    return model.eval()
+
+
+def exact_sequence_law(model, prompt, n_new, temperature=1.0):
+    """P(x_1..x_n | prompt) for every continuation, by enumeration with full forwards."""
+    V = model.config.vocab_size
+    conts = torch.tensor(list(itertools.product(range(V), repeat=n_new)))
+    seqs = torch.cat([prompt.expand(len(conts), -1), conts], 1)
+    with torch.no_grad():
+        logp = F.log_softmax(model(seqs[:, :-1]).float() / temperature, -1)
+    P = prompt.numel()
+    lp = logp[:, P - 1:].gather(-1, conts[..., None]).squeeze(-1).sum(1)
+    return conts, lp.exp()
+
+
+def sequence_counts(new_tokens, V):
+    n_new = new_tokens.size(1)
+    code = (new_tokens * V ** torch.arange(n_new - 1, -1, -1)).sum(1)
+    return torch.bincount(code, minlength=V ** n_new)
+
+
+def broken_rejection_sample(bug):
+    """Copies of the sampler with one planted bug each, to prove the tests can fail."""
+    def sampler(target_probs, draft_probs, draft_tokens, generator=None):
+        B, gamma = draft_tokens.shape
+        p, q = target_probs.float(), draft_probs.float()
+        p_d = p[:, :gamma].gather(-1, draft_tokens[..., None]).squeeze(-1)
+        q_d = q.gather(-1, draft_tokens[..., None]).squeeze(-1)
+        u = torch.rand(B, gamma, generator=generator)
+        accepted = u * p_d < q_d if bug == "accept_q_over_p" else u * q_d < p_d
+        n = accepted.long().cumprod(1).sum(1)
+        rows = torch.arange(B)
+        p_n, q_n = p[rows, n], F.pad(q, (0, 0, 0, 1))[rows, n]
+        if bug == "bonus_wrong_row":
+            p_n = torch.where((n == gamma)[:, None], p[rows, gamma - 1], p_n)
+        residual = p_n if bug == "resample_from_p" else (p_n - q_n).clamp(min=0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)
+        new = bebop.sample(residual, generator)
+        tokens = torch.cat([draft_tokens, draft_tokens[:, -1:]], 1)
+        tokens.scatter_(1, n[:, None], new[:, None])
+        return n, tokens
+    return sampler
+
+
+BUGS = ("accept_q_over_p", "resample_from_p", "bonus_wrong_row")
+
+# ----------------------------------------------------------------------------- rejection_sample
+
+
+def make_case(kind, gamma, V=6, seed=0):
+    """Target rows p (gamma+1, V) and draft rows q (gamma, V) of one kind."""
+    g = torch.Generator().manual_seed(seed)
+    dirichlet = lambda n: (lambda x: x / x.sum(-1, keepdim=True))(torch._standard_gamma(torch.ones(n, V), generator=g))
+    p = dirichlet(gamma + 1)
+    if kind == "random":
+        q = dirichlet(gamma)
+    elif kind == "sparse":   # p and q each live on part of the vocabulary, overlapping partly
+        p = p * (torch.arange(V) < V - 2)
+        p = p / p.sum(-1, keepdim=True)
+        q = dirichlet(gamma) * (torch.arange(V) >= 2)
+        q = q / q.sum(-1, keepdim=True)
+    elif kind == "one_hot":  # the TO rule: a one-hot draft at argmax of some draft law
+        q = F.one_hot(dirichlet(gamma).argmax(-1), V).float()
+    elif kind == "identical":
+        q = p[:gamma].clone()
+    return p, q
+
+
+def emitted_pvalues(sampler, p, q, N=200_000, seed=1):
+    """For each position i, the chi-square p-value of the tokens emitted there against p_i.
+
+    Drafts at different positions are drawn independently from their q rows, so given that position i
+    is emitted (drafts 1..i accepted), its token must be distributed as p_i exactly."""
+    gamma, V = q.shape
+    g = torch.Generator().manual_seed(seed)
+    drafts = torch.stack([torch.multinomial(q[j], N, replacement=True, generator=g) for j in range(gamma)], 1)
+    n, tokens = sampler(p.expand(N, -1, -1), q.expand(N, -1, -1), drafts, generator=g)
+    assert ((tokens[:, :gamma] == drafts) | (torch.arange(gamma) >= n[:, None])).all()
+    pvals = []
+    for i in range(gamma + 1):
+        emitted = n >= i
+        pvals.append(chi2_pvalue(torch.bincount(tokens[emitted, i], minlength=V), p[i]))
+    return pvals, n
+
+
+@pytest.mark.parametrize("kind", ["random", "sparse", "one_hot", "identical"])
+@pytest.mark.parametrize("gamma", [1, 2, 3, 4])
+def test_rejection_sample_is_exact(kind, gamma):
+    p, q = make_case(kind, gamma, seed=gamma)
+    pvals, n = emitted_pvalues(bebop.rejection_sample, p, q)
+    assert min(pvals) > P_MIN, pvals
+    # First-step acceptance is sum_v min(p, q) = 1 - d_TV (Eq. 2); within 5 binomial standard errors.
+    alpha = torch.minimum(p[0], q[0]).sum().item()
+    rate = (n >= 1).double().mean().item()
+    assert abs(rate - alpha) <= 5 * math.sqrt(max(alpha * (1 - alpha), 1e-12) / n.numel()) + 1e-9
+
+
+@pytest.mark.parametrize("bug", BUGS)
+def test_exactness_test_rejects_broken_samplers(bug):
+    p, q = make_case("random", 3, seed=3)
+    pvals, _ = emitted_pvalues(broken_rejection_sample(bug), p, q)
+    assert min(pvals) < P_BROKEN, (bug, pvals)
+    # and the uncorrupted copy passes the very same test
+    assert min(emitted_pvalues(broken_rejection_sample(None), p, q)[0]) > P_MIN
+
+
+def test_rejection_sample_shapes_and_no_python_loop_over_rows():
+    p, q = make_case("random", 3)
+    B = 7
+    d = torch.multinomial(q, B, replacement=True).T
+    n, tokens = bebop.rejection_sample(p.expand(B, -1, -1), q.expand(B, -1, -1), d)
+    assert n.shape == (B,) and tokens.shape == (B, 4) and n.dtype == torch.long
+    assert ((0 <= n) & (n <= 3)).all()
+
+
+# ----------------------------------------------------------------------------- generation: exactness
+
+
+@pytest.mark.parametrize("gamma,draft,temperature", [(2, "sample", 1.0), (3, "greedy", 0.7)])
+def test_speculative_sequence_law_is_exact(exact_model, gamma, draft, temperature):
+    model = exact_model
+    V, n_new, N = model.config.vocab_size, 4, 60_000
+    prompt = torch.tensor([[1, 3, 0]])
+    conts, law = exact_sequence_law(model, prompt, n_new, temperature)
+    gen = torch.Generator().manual_seed(7)
+    out = bebop.speculative_generate(model, prompt.expand(N, -1), n_new, gamma=gamma, draft=draft,
+                                     temperature=temperature, generator=gen)
+    stats = out.stats
+    assert stats["acceptance"][0] < 0.95, "no rejections: the test would not exercise corrections"
+    assert stats["acceptance"][-1] * stats["drafts_reached"][-1] > 100, "no bonus tokens were drawn"
+    assert chi2_pvalue(sequence_counts(out.new_tokens, V), law) > P_MIN
+
+
+def test_sequence_law_test_rejects_a_broken_sampler(exact_model, monkeypatch):
+    model = exact_model
+    V, n_new, N = model.config.vocab_size, 4, 60_000
+    prompt = torch.tensor([[1, 3, 0]])
+    _, law = exact_sequence_law(model, prompt, n_new)
+    monkeypatch.setattr(bebop, "rejection_sample", broken_rejection_sample("resample_from_p"))
+    out = bebop.speculative_generate(model, prompt.expand(N, -1), n_new, gamma=2,
+                                     generator=torch.Generator().manual_seed(7))
+    assert chi2_pvalue(sequence_counts(out.new_tokens, V), law) < P_BROKEN
+
+
+def test_generate_sequence_law_is_exact():
+    model = tiny_model()
+    V, n_new, N = model.config.vocab_size, 4, 60_000
+    prompt = torch.tensor([[2, 2]])
+    _, law = exact_sequence_law(model, prompt, n_new)
+    out = bebop.generate(model, prompt.expand(N, -1), n_new, generator=torch.Generator().manual_seed(3))
+    assert chi2_pvalue(sequence_counts(out.new_tokens, V), law) > P_MIN
+
+
+# ----------------------------------------------------------------------------- greedy, cache, drafts
+
+
+def train_mtp_briefly(model, steps, n_new=20, prompt_len=3, K=4, seed=0):
+    """Fit the MTP layer to the model's own samples with the KL loss, so that drafts get accepted."""
+    V = model.config.vocab_size
+    opt = torch.optim.AdamW(model.mtp.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        seq = bebop.generate(model, torch.randint(0, V, (32, prompt_len), generator=g), n_new, generator=g).tokens
+        target, draft = model.mtp_logits(seq, K)
+        T = seq.size(1)
+        mask = torch.arange(T)[None, :] + torch.arange(1, K + 1)[:, None] <= T - 1   # (K, T)
+        tgt = torch.stack([F.pad(target[:, k:], (0, 0, 0, k)) for k in range(1, K + 1)], 1)
+        chains = lambda x: x.transpose(1, 2).flatten(0, 1)
+        loss = bebop.mtp_loss("kl", chains(draft), chains(tgt), None, chains(mask.expand(len(seq), -1, -1)))
+        opt.zero_grad(), loss.backward(), opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exact_model():
+    """Peaked random backbone, MTP layer half-trained: rejections, corrections and bonus tokens all occur."""
+    return train_mtp_briefly(tiny_model(sharpen=2.5), 5, n_new=6)
+
+
+@pytest.fixture(scope="module")
+def drafted_model():
+    """A small random backbone whose MTP layer was trained briefly, so that drafts get accepted."""
+    return train_mtp_briefly(tiny_model(seed=1, vocab=8, n_layer=2, n_embd=32, block_size=40, sharpen=3.0), 60)
+
+
+def naive_greedy(model, prompt, n_new, eos=None):
+    seq = prompt.clone()
+    for _ in range(n_new):
+        with torch.no_grad():
+            seq = torch.cat([seq, model(seq[None])[0, -1].argmax()[None]])
+    new = seq[prompt.numel():]
+    if eos is not None:
+        hit = (new == eos).nonzero()
+        if len(hit):
+            new[hit[0, 0] + 1:] = eos
+    return new
+
+
+RAGGED = [torch.tensor([1, 2, 3]), torch.tensor([4]), torch.tensor([5, 6, 7, 0, 2]), torch.tensor([3, 3])]
+
+
+@pytest.mark.parametrize("gamma", [1, 2, 3, 4])
+@pytest.mark.parametrize("draft", ["sample", "greedy"])
+def test_greedy_speculative_matches_naive_argmax(drafted_model, gamma, draft):
+    out = bebop.speculative_generate(drafted_model, RAGGED, 20, gamma=gamma, temperature=0, draft=draft)
+    for b, prompt in enumerate(RAGGED):
+        assert torch.equal(out.new_tokens[b], naive_greedy(drafted_model, prompt, 20))
+        assert torch.equal(out.tokens[b], torch.cat([prompt, out.new_tokens[b]]))
+    assert out.stats["accept_length"] > 1.5, "drafts were hardly accepted: the test would be weak"
+    ar = bebop.generate(drafted_model, RAGGED, 20, temperature=0)
+    assert torch.equal(ar.new_tokens, out.new_tokens)
+
+
+def test_greedy_eos_inside_an_accepted_run(drafted_model):
+    """Pick as EOS a token that some row emits as an accepted draft with more accepted drafts after it."""
+    trace = []
+    out = bebop.speculative_generate(drafted_model, RAGGED, 20, gamma=3, temperature=0, trace=trace)
+    choice = None
+    for rd in trace:
+        for b in range(len(RAGGED)):
+            if rd["active"][b] and rd["n"][b] >= 2:
+                v = int(rd["tokens"][b, 0])
+                start = int(rd["L"][b]) + 1 - RAGGED[b].numel()   # index of this token among new tokens
+                if start < 20 and v not in out.new_tokens[b, :start].tolist():
+                    choice = (b, v)
+                    break
+        if choice:
+            break
+    assert choice is not None, "no accepted run to place EOS in"
+    b, eos = choice
+    out = bebop.speculative_generate(drafted_model, RAGGED, 20, gamma=3, temperature=0, eos=eos)
+    for r, prompt in enumerate(RAGGED):
+        assert torch.equal(out.new_tokens[r], naive_greedy(drafted_model, prompt, 20, eos))
+    first = (out.new_tokens[b] == eos).nonzero()[0, 0]
+    assert out.mask[b, :first + 1].all() and not out.mask[b, first + 1:].any()
+    assert (out.logprobs[b, first + 1:] == 0).all()
+
+
+def test_cache_logits_logprobs_and_drafts_match_the_training_path(drafted_model):
+    """After rejections and rollbacks: the verify logits equal full-forward logits, the returned logprobs
+    equal the full-forward log-softmax, and every draft row q_k used online equals the training path's
+    q_k at the same anchor and depth (DESIGN.md), all in fp32 to 1e-5."""
+    model, gamma, n_new = drafted_model, 3, 24
+    trace = []
+    out = bebop.speculative_generate(model, RAGGED, n_new, gamma=gamma, temperature=1.0,
+                                     generator=torch.Generator().manual_seed(0), trace=trace)
+    assert any((rd["n"] < gamma).any() for rd in trace), "no rejection happened"
+    checked_p = checked_q = 0
+    for b, prompt in enumerate(RAGGED):
+        seq = out.tokens[b][None]
+        P = prompt.numel()
+        with torch.no_grad():
+            full_logits, draft_logits = model.mtp_logits(seq, gamma)
+        logp = F.log_softmax(full_logits[0, P - 1:-1], -1).gather(-1, seq[0, P:, None]).squeeze(-1)
+        torch.testing.assert_close(out.logprobs[b], logp, atol=1e-5, rtol=0)
+        for rd in trace:
+            if not rd["active"][b]:
+                continue
+            L, n = int(rd["L"][b]), int(rd["n"][b])
+            for k in range(1, gamma + 1):
+                if k - 1 > n or L + k - 1 >= seq.size(1):   # draft k reached only if 1..k-1 accepted
+                    break
+                torch.testing.assert_close(rd["target_logits"][b, k - 1], full_logits[0, L + k - 1], atol=1e-5, rtol=0)
+                torch.testing.assert_close(rd["draft_logits"][b, k - 1], draft_logits[0, k - 1, L - 1], atol=1e-5, rtol=0)
+                checked_p += 1
+                checked_q += 1
+    assert checked_q > 50
+
+
+def test_draft_consistency_test_can_fail(drafted_model):
+    """The training path with a shifted anchor does not match the online drafts: the check has teeth."""
+    trace = []
+    out = bebop.speculative_generate(drafted_model, RAGGED[:1], 12, gamma=3,
+                                     generator=torch.Generator().manual_seed(0), trace=trace)
+    with torch.no_grad():
+        _, draft_logits = drafted_model.mtp_logits(out.tokens[0][None], 3)
+    rd = trace[1]
+    L = int(rd["L"][0])
+    assert not torch.allclose(rd["draft_logits"][0, 0], draft_logits[0, 0, L - 2], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(gamma=0), "gamma"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(draft="beam"), "draft rule"),
+    (dict(eos=99), "eos"),
+])
+def test_speculative_bad_arguments(kwargs, match):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=match):
+        bebop.speculative_generate(model, torch.tensor([[1, 2]]), 3, **kwargs)
+
+
+@pytest.mark.parametrize("prompt,n_new,match", [
+    (torch.zeros(1, 17, dtype=torch.long), 1, "exceeds block_size"),
+    (torch.zeros(1, 10, dtype=torch.long), 5, "exceeds block_size"),
+    ([torch.tensor([], dtype=torch.long)], 3, "empty prompt"),
+    (torch.tensor([[1, 9]]), 3, "token ids"),
+    (torch.tensor([[1, -1]]), 3, "token ids"),
+    (torch.tensor([[1, 2]]), 0, "max_new_tokens"),
+])
+def test_bad_prompts(prompt, n_new, match):
+    model = tiny_model()
+    for fn in (bebop.generate, bebop.speculative_generate):
+        if fn is bebop.generate and "block_size" in match and n_new == 5:
+            continue  # 10 + 5 fits plain decoding; only the speculative lookahead overflows
+        with pytest.raises(ValueError, match=match):
+            fn(model, prompt, n_new)
+
+
+def test_reproducible_with_a_generator():
+    model = tiny_model()
+    prompt = torch.tensor([[1, 3, 0]]).expand(8, -1)
+    a = bebop.speculative_generate(model, prompt, 6, generator=torch.Generator().manual_seed(5))
+    b = bebop.speculative_generate(model, prompt, 6, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+
+
+# ----------------------------------------------------------------------------- MTP losses (Eq. 10, 11, 13)
+
+
+def plain_tv(z, p):
+    return 1 - torch.minimum(p, F.softmax(z, -1)).sum(-1)
+
+
+def test_memory_lean_tv_matches_autograd_in_float64():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(37, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    p = F.softmax(torch.randn(37, 11, generator=g, dtype=torch.float64) * 2, -1)
+    w = torch.randn(37, generator=g, dtype=torch.float64)
+    lean = bebop.TVDistance.apply(z, p, 8)   # chunked: 8 rows at a time
+    ref = plain_tv(z, p)
+    torch.testing.assert_close(lean, ref, atol=1e-12, rtol=0)
+    (g_lean,) = torch.autograd.grad((lean * w).sum(), z)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), z)
+    torch.testing.assert_close(g_lean, g_ref, atol=1e-10, rtol=0)
+    assert torch.autograd.gradcheck(lambda x: bebop.TVDistance.apply(x, p, 5), (z,))
+    # Prop. 3: |dL/dz_j| <= q_j
+    assert (g_lean.abs() <= w.abs()[:, None] * F.softmax(z, -1) + 1e-12).all()
+
+
+def test_memory_lean_tv_gradient_check_can_fail():
+    """A planted sign error in Eq. 11 is caught by the same comparison."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    p = F.softmax(torch.randn(6, 5, generator=g, dtype=torch.float64), -1)
+    q = F.softmax(z, -1).detach()
+    S = (q * (q <= p)).sum(-1, keepdim=True)
+    wrong = q * (S - 1 + (q < p).double())    # the indicator flipped
+    (right,) = torch.autograd.grad(plain_tv(z, p).sum(), z)
+    assert not torch.allclose(wrong, right, atol=1e-6)
+
+
+def test_e2e_tv_on_hand_made_chains():
+    # Chain 1: step 1 p=(1,0), q=(.5,.5): d=.5; step 2 p=q: d=0. L = 1 - (.5 + .5*1)/2 = .5
+    # Chain 2: same steps but only step 1 exists (masked prefix): L = 1 - .5/1 = .5
+    # Chain 3: p=q at both steps: L = 0.
+    p = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]] * 2 + [[[0.3, 0.7], [0.9, 0.1]]])
+    q = torch.tensor([[[0.5, 0.5], [0.5, 0.5]]] * 2 + [[[0.3, 0.7], [0.9, 0.1]]])
+    mask = torch.tensor([[True, True], [True, False], [True, True]])
+    loss = bebop.e2e_tv_loss(q.log(), p, mask)
+    torch.testing.assert_close(loss, torch.tensor((0.5 + 0.5 + 0.0) / 3))
+    # random chains against 1 - mean_j prod_{i<=j} (1 - d_i)
+    g = torch.Generator().manual_seed(1)
+    z, pr = torch.randn(4, 5, 7, generator=g), F.softmax(torch.randn(4, 5, 7, generator=g), -1)
+    d = plain_tv(z, pr)
+    expected = (1 - torch.cumprod(1 - d, 1).mean(1)).mean()
+    torch.testing.assert_close(bebop.e2e_tv_loss(z, pr), expected)
+
+
+def test_mtp_chain_mask_matches_design():
+    m = bebop.mtp_chain_mask(4, 3)
+    assert m.shape == (4, 12)
+    assert m[2, :4].tolist() == [True, True, True, False]       # depth-1 entries of anchors <= t
+    assert m[2, 4:8].tolist() == [False, False, True, False]    # own chain at depth 2
+    assert m[2, 8:].tolist() == [False, False, True, False]     # own chain at depth 3
+
+
+@pytest.fixture(scope="module")
+def task():
+    return bebop.DigitSumTask()
+
+
+def small_task_model(task, seed=0):
+    torch.manual_seed(seed)
+    cfg = bebop.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=task.seq_len + 5)
+    return bebop.GPT(cfg)
+
+
+@pytest.mark.parametrize("kind", bebop.MTP_LOSSES)
+def test_each_mtp_loss_decreases_and_never_reaches_the_backbone(task, kind):
+    model = small_task_model(task)
+    g = torch.Generator().manual_seed(0)
+    seq, lengths = task.sft_batch(16, g)
+    opt = torch.optim.AdamW(model.mtp.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(25):
+        loss = bebop.mtp_training_loss(model, kind, seq, lengths, 3)
+        opt.zero_grad()
+        loss.backward()
+        if not losses:   # the first backward: nothing outside the MTP layer got a gradient
+            outside = [n for n, p in model.named_parameters() if not n.startswith("mtp.") and p.grad is not None]
+            assert outside == [], outside
+            assert all(p.grad is not None for p in model.mtp.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_unknown_mtp_loss_is_refused():
+    with pytest.raises(ValueError, match="unknown MTP loss"):
+        bebop.mtp_loss("mse", torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), None, torch.ones(1, 1))
+
+
+# ----------------------------------------------------------------------------- toy task and GRPO
+
+
+def test_reward_on_hand_written_answers(task):
+    answers = ["12345.", "9990.", "12346.", "1234.", "12a", "123456.", "..", "5.", "0000000."]
+    S = torch.tensor([15, 27, 15, 10, 15, 15, 0, 5, 0])
+    N = torch.tensor([5, 4, 5, 5, 5, 5, 0, 1, 3])
+    toks = [bebop.encode(a.replace("a", "S")) for a in answers]
+    width = max(len(t) for t in toks) + 2
+    tokens = torch.stack([F.pad(t, (0, width - len(t)), value=bebop.EOS) for t in toks])
+    r, correct = task.reward(tokens, S, N)
+    assert correct.tolist() == [True, True, False, False, False, False, True, True, False]
+    assert r[0] == 1 and r[1] == 1
+    assert r[2] == pytest.approx(0.5 + 0.5 * 0.9)     # right length, sum off by 1
+    assert r[3] == pytest.approx(0.5)                  # wrong length, sum 10 = S
+    assert r[4] == 0                                   # not well formed
+    assert r[5] == pytest.approx(0.5 * 0.4)            # wrong length, sum 21: 6 away
+    assert r[8] == pytest.approx(0.5 * 1.0)            # sum right, length wrong (7 vs 3)
+
+
+def test_task_prompts_and_style(task):
+    g = torch.Generator().manual_seed(0)
+    seq, lengths = task.sft_batch(64, g)
+    text = bebop.decode(seq[0])
+    assert text.startswith("S") and text[4] == "N" and text[7] == "="
+    S, N = int(text[1:4]), int(text[5:7])
+    answer = text[8:8 + N]
+    assert sum(map(int, answer)) == S and text[8 + N] == "."
+    r, correct = task.reward(seq[:, bebop.PROMPT_LEN:], *[torch.tensor(x) for x in zip(*[
+        (int(bebop.decode(s)[1:4]), int(bebop.decode(s)[5:7])) for s in seq])])
+    assert correct.all()                               # SFT data is always right
+    # the style is peaked and uneven: per-context entropies of the Markov rows spread widely
+    H = -(task.style * task.style.clamp(min=1e-12).log()).sum(-1)
+    assert H.min() < 0.8 and H.max() > 1.6 and H.mean() < math.log(10) - 0.5
+
+
+@pytest.fixture(scope="module")
+def sft_policy(task, tmp_path_factory):
+    """A tiny policy after a short SFT and MTP training, through the same stage functions main() uses."""
+    tc = bebop.TrainConfig(preset="tiny", sft_steps=300, mtp_steps=20, batch_size=32, ckpt_every=10**9)
+    cfg = bebop.build_config(tc, task)
+    torch.manual_seed(0)
+    model = bebop.GPT(cfg)
+    run = bebop.Run(str(tmp_path_factory.mktemp("sft")), tc, cfg, resume=False)
+    g = torch.Generator().manual_seed(0)
+    bebop.train_sft(run, model, task, g, "cpu")
+    bebop.train_mtp(run, model, task, g, "cpu")
+    return model.eval(), cfg
+
+
+def rollout_batch(model, task, seed, prompts=8, G=8):
+    g = torch.Generator().manual_seed(seed)
+    idx, S, N = (x.repeat_interleave(G, 0) for x in task.prompts(prompts, g))
+    roll = bebop.speculative_generate(model, idx, task.max_new_tokens, generator=g, eos=bebop.EOS)
+    return roll, task.reward(roll.new_tokens, S, N)[0]
+
+
+def test_rollout_logprobs_equal_the_trainers(sft_policy, task):
+    model, _ = sft_policy
+    roll, _ = rollout_batch(model, task, 0)
+    assert roll.stats["acceptance"][0] < 1.0
+    logp, _ = bebop.policy_logprobs(model, roll.tokens, bebop.PROMPT_LEN)
+    torch.testing.assert_close(logp * roll.mask, roll.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_grpo_update_moves_logprobs_with_the_advantage(sft_policy, task, sign):
+    """One small gradient step raises the log-probability of above-average samples of a group and
+    lowers the others'; a planted sign error (sign = -1) shows up as the opposite correlation."""
+    model = copy_model(sft_policy)
+    roll, rewards = rollout_batch(model, task, 1)
+    A = sign * bebop.group_advantages(rewards, 8)
+    logp, _ = bebop.policy_logprobs(model, roll.tokens, bebop.PROMPT_LEN)
+    params = bebop.backbone_parameters(model)
+    grads = torch.autograd.grad(bebop.grpo_loss(logp, roll.logprobs, A, roll.mask), params)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p -= 1e-2 * g
+        new_logp, _ = bebop.policy_logprobs(model, roll.tokens, bebop.PROMPT_LEN)
+    moved = ((new_logp - logp) * roll.mask).sum(1)
+    corr = torch.corrcoef(torch.stack([moved, sign * A]))[0, 1]
+    assert corr > 0.3 if sign == 1 else corr < -0.3
+
+
+def copy_model(policy):
+    model, cfg = policy
+    clone = bebop.GPT(cfg)
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
+def test_grpo_raises_held_out_reward(sft_policy, task, tmp_path):
+    model = copy_model(sft_policy)
+    tc = bebop.TrainConfig(preset="tiny", rl_steps=40, rl_lr=3e-4, rl_prompts=8, group_size=8, ckpt_every=10**9)
+    run = bebop.Run(str(tmp_path), tc, model.config, resume=False)
+    held_out = task.prompts(256, torch.Generator().manual_seed(5))
+    before, _ = bebop.evaluate(model, task, held_out, seed=0, gamma=3)
+    bebop.train_grpo(run, model, task, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1), "cpu", {})
+    after, _ = bebop.evaluate(model, task, held_out, seed=0, gamma=3)
+    # a flipped advantage sign collapses the reward and a detached loss leaves it unchanged
+    assert after > before + 0.02, (before, after)
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert len(log) == 40 and all(0 <= m["reward"] <= 1 and len(m["acceptance"]) == 3 for m in log)
