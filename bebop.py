@@ -56,7 +56,7 @@ class GPTConfig:
 PRESETS = {
     "tiny": dict(model=dict(n_layer=2, n_head=2, n_embd=32), sft_steps=300, mtp_steps=50, rl_steps=20,
                  batch_size=32, rl_prompts=8, group_size=8, rl_lr=3e-4),
-    "cpu": dict(model=dict(n_layer=4, n_head=4, n_embd=128), sft_steps=1000, mtp_steps=400, rl_steps=100,
+    "cpu": dict(model=dict(n_layer=6, n_head=4, n_embd=96), sft_steps=1000, mtp_steps=400, rl_steps=100,
                 batch_size=64, rl_prompts=8, group_size=16, rl_lr=2e-4),
     "gpu": dict(model=dict(n_layer=8, n_head=8, n_embd=512), sft_steps=3000, mtp_steps=1000, rl_steps=200,
                 batch_size=128, rl_prompts=32, group_size=16, rl_lr=1e-4),
@@ -839,87 +839,174 @@ def build_config(train: TrainConfig, task: "DigitSumTask") -> GPTConfig:
 
 
 def atomic_save(obj, path: str):
-    """Write a checkpoint to a temporary file, then rename: a crash never leaves half a file."""
+    """Write a checkpoint to a temporary file, then rename: a crash never leaves half a file, and the
+    last good checkpoint stays in place until the new one is complete."""
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
+# Data-parallel training without branches in the algorithm (nanoGPT's pattern): under torchrun each rank
+# draws its own share of the data and rollouts, gradients are averaged, logged numbers are reduced, and
+# rank 0 alone prints and writes. Without RANK in the environment the same names take trivial values.
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str):
+    """(Dist, device) for this process; starts the process group when launched by torchrun."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return Dist(), device
+    import torch.distributed as dist
+    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    return Dist(dist.get_rank(), dist.get_world_size()), device
+
+
+def all_reduce(values, world: Dist, op: str = "mean"):
+    """Sum or average a flat list of numbers over the ranks (identity on one process)."""
+    if world.world_size == 1:
+        return list(values)
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return (t / world.world_size if op == "mean" else t).tolist()
+
+
+def average_gradients(params, world: Dist):
+    """The gradient all-reduce of data parallelism, done by hand so that every stage (including the
+    MTP layer, which is trained through model.mtp_logits rather than forward) is covered alike."""
+    if world.world_size == 1:
+        return
+    import torch.distributed as dist
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world.world_size
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
+
+
+def gather_objects(obj, world: Dist):
+    if world.world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * world.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class Run:
     """Output folder, JSON-lines log and per-stage checkpoints of one `python bebop.py` run."""
 
-    def __init__(self, out: str, train: TrainConfig, model_cfg: GPTConfig, resume: bool):
-        self.out, self.train, self.model_cfg = out, train, model_cfg
-        os.makedirs(out, exist_ok=True)
-        if not resume:
-            for stage in ("sft", "mtp", "grpo"):
-                if os.path.exists(self.path(stage)):
-                    os.remove(self.path(stage))
-        self.log_file = open(os.path.join(out, "log.jsonl"), "a" if resume else "w")
+    def __init__(self, out: str, train: TrainConfig, model_cfg: GPTConfig, resume: bool, world: Dist = Dist()):
+        self.out, self.train, self.model_cfg, self.world = out, train, model_cfg, world
+        self.log_file = None
+        if world.master:
+            os.makedirs(out, exist_ok=True)
+            if not resume:
+                for stage in STAGES:
+                    if os.path.exists(self.path(stage)):
+                        os.remove(self.path(stage))
+            self.log_file = open(os.path.join(out, "log.jsonl"), "a" if resume else "w")
+        if world.world_size > 1:
+            import torch.distributed as dist
+            dist.barrier()   # the folder is ready (and stale checkpoints gone) before anyone reads it
 
     def path(self, stage):
         return os.path.join(self.out, f"{stage}.pt")
 
     def log(self, stage, step, **metrics):
-        self.log_file.write(json.dumps(dict(stage=stage, step=step, **metrics)) + "\n")
-        self.log_file.flush()
+        if self.log_file is not None:
+            self.log_file.write(json.dumps(dict(stage=stage, step=step, **metrics)) + "\n")
+            self.log_file.flush()
 
     def save(self, stage, step, done, model, optimizer, generators, extra=None):
-        atomic_save(dict(stage=stage, step=step, done=done, model=model.state_dict(),
-                         optimizer=optimizer.state_dict(), generators=[g.get_state() for g in generators],
-                         torch_rng=torch.get_rng_state(), train=asdict(self.train),
-                         model_config=asdict(self.model_cfg), extra=extra or {}), self.path(stage))
+        """Every rank takes part (each has its own random streams); rank 0 writes."""
+        rng = gather_objects(dict(generators=[g.get_state() for g in generators], torch=torch.get_rng_state()),
+                             self.world)
+        if self.world.master:
+            atomic_save(dict(stage=stage, step=step, done=done, model=model.state_dict(),
+                             optimizer=optimizer.state_dict(), rng=rng, world_size=self.world.world_size,
+                             train=asdict(self.train), model_config=asdict(self.model_cfg), extra=extra or {}),
+                        self.path(stage))
 
     def load(self, stage):
-        """The stage's checkpoint, or None; refuses one made with another model config."""
-        if not os.path.exists(self.path(stage)):
+        """The stage's checkpoint, or None. A checkpoint that is unreadable, was made with another model
+        config or another number of ranks is refused with a message; the file is left as it is."""
+        path = self.path(stage)
+        if not os.path.exists(path):
             return None
         try:
-            ckpt = torch.load(self.path(stage), map_location="cpu", weights_only=False)
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt["model_config"], ckpt["model"], ckpt["rng"]
         except Exception as e:
-            raise ValueError(f"checkpoint {self.path(stage)} is unreadable ({type(e).__name__}); "
-                             f"delete it or run without --resume") from None
-        mismatch = {k: (v, ckpt["model_config"].get(k)) for k, v in asdict(self.model_cfg).items()
-                    if ckpt["model_config"].get(k) != v}
-        if mismatch:
-            k, (now, then) = next(iter(mismatch.items()))
-            raise ValueError(f"checkpoint {self.path(stage)} was made with {k}={then}, this run has {k}={now}")
+            raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}); "
+                             f"move it away or run without --resume") from None
+        for key, now in asdict(self.model_cfg).items():
+            then = ckpt["model_config"].get(key)
+            if then != now:
+                raise CheckpointError(f"checkpoint {path} was made with {key}={then}, this run has {key}={now}")
+        if ckpt["world_size"] != self.world.world_size:
+            raise CheckpointError(f"checkpoint {path} was made with {ckpt['world_size']} ranks, this run has "
+                             f"{self.world.world_size}; resume with the same --nproc_per_node")
         return ckpt
+
+
+STAGES = ("sft", "mtp", "grpo")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, truncated, or from another configuration."""
 
 
 def run_stage(run: Run, stage: str, steps: int, step_fn, model, optimizer, generators, describe, extra=None):
     """The loop every stage shares: resume, tqdm bar, JSON log, periodic and Ctrl-C checkpoints.
 
-    step_fn(step) does one optimisation step and returns a dict of numbers to log; describe(metrics)
-    picks what the progress bar shows."""
+    step_fn(step) does one optimisation step and returns a dict of (already rank-reduced) numbers to
+    log; describe(metrics) picks what the progress bar shows."""
     from tqdm import tqdm
     start = 0
     ckpt = run.load(stage)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        for g, state in zip(generators, ckpt["generators"]):
+        rng = ckpt["rng"][run.world.rank]
+        for g, state in zip(generators, rng["generators"]):
             g.set_state(state)
-        torch.set_rng_state(ckpt["torch_rng"])
+        torch.set_rng_state(rng["torch"])
         if extra is not None:
             extra.update(ckpt["extra"])
         start = ckpt["step"]
         if ckpt["done"]:
             return
     # Ctrl-C finishes the step in flight, saves, then stops: a resumed run continues exactly where this
-    # one stopped. A second Ctrl-C interrupts at once.
+    # one stopped. The ranks agree on when to stop (a flag reduced every step). A second Ctrl-C
+    # interrupts at once.
     interrupted = []
     def on_sigint(signum, frame):
         interrupted.append(signum)
         signal.signal(signal.SIGINT, previous)
     previous = signal.signal(signal.SIGINT, on_sigint) if is_main_thread() else None
     try:
-        bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True, mininterval=0.5)
+        bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True,
+                   mininterval=0.5, disable=not run.world.master)
         for step in bar:
             metrics = step_fn(step)
             run.log(stage, step, **metrics)
             bar.set_postfix_str(describe(metrics), refresh=False)
-            if interrupted:
+            if all_reduce([float(bool(interrupted))], run.world, op="sum")[0] > 0:
                 run.save(stage, step + 1, False, model, optimizer, generators, extra)
                 bar.close()
                 raise KeyboardInterrupt(f"saved {run.path(stage)} at step {step + 1}; continue with --resume")
@@ -950,42 +1037,45 @@ def evaluate(model: GPT, task: DigitSumTask, prompts, seed: int, gamma: int):
 
 
 @torch.no_grad()
-def time_rollouts(model: GPT, idx, max_new_tokens: int, gamma: int, seed: int = 0, repeats: int = 3):
-    """Tokens/s of plain and speculative decoding on the same model and batch, measured alternately
-    (this machine may be shared and noisy: best of `repeats`). No EOS, so both emit exactly
-    B * max_new_tokens tokens. Returns (plain tok/s, speculative tok/s, accept length)."""
+def time_rollouts(model: GPT, idx, max_new_tokens: int, gamma: int, eos=None, seed: int = 0, repeats: int = 3):
+    """Tokens/s of plain and speculative decoding on the same model and batch, measured alternately over
+    `repeats` seeds so machine noise hits both alike. Returns (plain, speculative, accept length)."""
     model.eval()
     sync = torch.cuda.synchronize if idx.is_cuda else (lambda: None)
-    best = {"ar": float("inf"), "spec": float("inf")}
-    for _ in range(repeats):
+    tokens, seconds = {"ar": 0, "spec": 0}, {"ar": 0.0, "spec": 0.0}
+    for r in range(repeats):
         for mode in ("ar", "spec"):
-            gen = torch.Generator(idx.device).manual_seed(seed)
+            gen = torch.Generator(idx.device).manual_seed(seed + r)   # same seeds for both modes
             sync()
             t0 = time.perf_counter()
             if mode == "ar":
-                generate(model, idx, max_new_tokens, generator=gen)
+                out = generate(model, idx, max_new_tokens, generator=gen, eos=eos)
             else:
-                out = speculative_generate(model, idx, max_new_tokens, gamma=gamma, generator=gen)
+                out = spec = speculative_generate(model, idx, max_new_tokens, gamma=gamma, generator=gen, eos=eos)
             sync()
-            best[mode] = min(best[mode], time.perf_counter() - t0)
-    n = idx.size(0) * max_new_tokens
-    return n / best["ar"], n / best["spec"], out.stats["accept_length"]
+            seconds[mode] += time.perf_counter() - t0
+            tokens[mode] += out.mask.sum().item()
+    best = {mode: tokens[mode] / seconds[mode] for mode in tokens}
+    return best["ar"], best["spec"], spec.stats["accept_length"]
 
 
 def train_sft(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
-    tc = run.train
-    opt = torch.optim.AdamW(backbone_parameters(model), lr=tc.sft_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    """Supervised fine-tuning of the backbone on the house-style examples (answer tokens only)."""
+    tc, world = run.train, run.world
+    params = backbone_parameters(model)
+    opt = torch.optim.AdamW(params, lr=tc.sft_lr, betas=(0.9, 0.95), weight_decay=0.0)
 
     def step_fn(step):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc.sft_steps, tc.sft_lr, warmup=min(100, tc.sft_steps // 10 + 1))
-        seq, lengths = task.sft_batch(tc.batch_size, gen_data)
+        seq, lengths = task.sft_batch(tc.batch_size // world.world_size, gen_data)   # this rank's share
         loss = sft_loss(model, seq.to(device), lengths.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(backbone_parameters(model), tc.grad_clip)
+        average_gradients(params, world)
+        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
-        return dict(loss=loss.item())
+        return dict(loss=all_reduce([loss.item()], world)[0])
 
     model.train()
     run_stage(run, "sft", tc.sft_steps, step_fn, model, opt, [gen_data], lambda m: f"loss {m['loss']:.3f}")
@@ -993,29 +1083,42 @@ def train_sft(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
 
 def train_mtp(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
     """Pre-RL MTP training: the backbone is frozen, the MTP layer learns to match its own law."""
-    tc, K = run.train, model.config.mtp_train_steps
-    opt = torch.optim.AdamW(model.mtp.parameters(), lr=tc.mtp_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    tc, world, K = run.train, run.world, model.config.mtp_train_steps
+    params = list(model.mtp.parameters())
+    opt = torch.optim.AdamW(params, lr=tc.mtp_lr, betas=(0.9, 0.95), weight_decay=0.0)
 
     def step_fn(step):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc.mtp_steps, tc.mtp_lr, warmup=min(50, tc.mtp_steps // 10 + 1))
-        seq, lengths = task.sft_batch(tc.batch_size, gen_data)
+        seq, lengths = task.sft_batch(tc.batch_size // world.world_size, gen_data)
         loss = mtp_training_loss(model, tc.mtp_loss, seq.to(device), lengths.to(device), K)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.mtp.parameters(), tc.grad_clip)
+        average_gradients(params, world)
+        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
-        return dict(loss=loss.item())
+        return dict(loss=all_reduce([loss.item()], world)[0])
 
     model.train()
     run_stage(run, "mtp", tc.mtp_steps, step_fn, model, opt, [gen_data], lambda m: f"{tc.mtp_loss} {m['loss']:.3f}")
 
 
+def rollout(model: GPT, tc: TrainConfig, idx, max_new_tokens: int, generator):
+    """The policy's samples for RL: MTP speculative decoding (exact, so on-policy) or plain decoding."""
+    model.eval()
+    if tc.rollout == "spec":
+        return speculative_generate(model, idx, max_new_tokens, gamma=tc.gamma, draft=tc.draft,
+                                    generator=generator, eos=EOS)
+    return generate(model, idx, max_new_tokens, generator=generator, eos=EOS)
+
+
 def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, device, extra):
-    """GRPO with rollouts from speculative decoding (exact, so on-policy) and a frozen MTP layer."""
-    tc, G = run.train, run.train.group_size
-    opt = torch.optim.AdamW(backbone_parameters(model), lr=tc.rl_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    mtp_opt = torch.optim.AdamW(model.mtp.parameters(), lr=tc.mtp_online_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    """GRPO with rollouts from speculative decoding and, by default, a frozen MTP layer (the recipe)."""
+    tc, world, G = run.train, run.world, run.train.group_size
+    params = backbone_parameters(model)
+    opt = torch.optim.AdamW(params, lr=tc.rl_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    mtp_params = list(model.mtp.parameters())
+    mtp_opt = torch.optim.AdamW(mtp_params, lr=tc.mtp_online_lr, betas=(0.9, 0.95), weight_decay=0.0)
     ref = None
     if tc.kl_coef > 0:
         ref = GPT(model.config).to(device)
@@ -1023,15 +1126,11 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
         ref.requires_grad_(False).eval()
 
     def step_fn(step):
-        idx, S, N = task.prompts(tc.rl_prompts, gen_data)
+        # This rank's prompts; every group of G samples of one prompt stays on one rank.
+        idx, S, N = task.prompts(tc.rl_prompts // world.world_size, gen_data)
         idx, S, N = (x.repeat_interleave(G, 0).to(device) for x in (idx, S, N))
-        model.eval()
         t0 = time.perf_counter()
-        if tc.rollout == "spec":
-            roll = speculative_generate(model, idx, task.max_new_tokens, gamma=tc.gamma, draft=tc.draft,
-                                        generator=gen_roll, eos=EOS)
-        else:
-            roll = generate(model, idx, task.max_new_tokens, generator=gen_roll, eos=EOS)
+        roll = rollout(model, tc, idx, task.max_new_tokens, gen_roll)
         rollout_s = time.perf_counter() - t0
         rewards, correct = task.reward(roll.new_tokens, S, N)
         advantages = group_advantages(rewards, G)
@@ -1042,23 +1141,29 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
         loss = grpo_loss(logp, roll.logprobs, advantages, roll.mask, tc.clip_eps, tc.kl_coef, ref_logp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(backbone_parameters(model), tc.grad_clip)
+        average_gradients(params, world)
+        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
         if tc.mtp_online != "none":  # paper 5.3: own optimizer, learning rate and clipping
             lengths = PROMPT_LEN + roll.mask.sum(1)
             mtp_l = mtp_training_loss(model, tc.mtp_online, roll.tokens, lengths, model.config.mtp_train_steps)
             mtp_opt.zero_grad(set_to_none=True)
             mtp_l.backward()
-            torch.nn.utils.clip_grad_norm_(model.mtp.parameters(), tc.grad_clip)
+            average_gradients(mtp_params, world)
+            torch.nn.utils.clip_grad_norm_(mtp_params, tc.grad_clip)
             mtp_opt.step()
 
         mask = roll.mask.float()
-        stats = roll.stats
-        metrics = dict(loss=loss.item(), reward=rewards.mean().item(), accuracy=correct.float().mean().item(),
-                       entropy=((entropy.detach() * mask).sum() / mask.sum()).item(),
-                       tokens_per_s=mask.sum().item() / rollout_s, rollout_s=rollout_s,
-                       acceptance=stats.get("acceptance"), accept_length=stats["accept_length"],
-                       drafts_reached=stats.get("drafts_reached"))
+        means = all_reduce([loss.item(), rewards.mean().item(), correct.float().mean().item(),
+                            ((entropy.detach() * mask).sum() / mask.sum()).item(), roll.stats["accept_length"],
+                            rollout_s], world)
+        gamma = tc.gamma if tc.rollout == "spec" else 0
+        reached = roll.stats.get("drafts_reached", [])
+        accepted = [a * r for a, r in zip(roll.stats.get("acceptance", []), reached)]
+        sums = all_reduce([mask.sum().item() / rollout_s] + reached + accepted, world, op="sum")
+        metrics = dict(loss=means[0], reward=means[1], accuracy=means[2], entropy=means[3], accept_length=means[4],
+                       rollout_s=means[5], tokens_per_s=sums[0], drafts_reached=sums[1:1 + gamma],
+                       acceptance=[a / max(r, 1) for a, r in zip(sums[1 + gamma:], sums[1:1 + gamma])] or None)
         extra["recent"] = (extra.get("recent", []) + [metrics])[-10:]
         return metrics
 
@@ -1085,20 +1190,22 @@ def recent_acceptance(recent):
 
 
 def parse_args(argv=None):
-    def positive(kind):
+    def integer_in(low, high=None):
         def check(text):
-            value = kind(text)
-            if value <= 0:
-                raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+            value = int(text)
+            if value < low or (high is not None and value > high):
+                raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}" if high is None
+                                                 else f"must be in {low}..{high}, got {text}")
             return value
         return check
 
     def non_negative(text):
         value = float(text)
-        if value < 0:
+        if not value >= 0:
             raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
         return value
 
+    K = GPTConfig.mtp_train_steps
     ap = argparse.ArgumentParser(description="The Bebop recipe at toy scale: SFT, MTP training, GRPO with "
                                              "MTP speculative rollouts.")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="model and budget (default: gpu on CUDA, else cpu)")
@@ -1110,25 +1217,26 @@ def parse_args(argv=None):
     ap.add_argument("--rollout", choices=["spec", "ar"], default="spec", help="speculative or plain rollouts")
     ap.add_argument("--draft", choices=DRAFT_RULES, default="sample",
                     help="sample: rejection sampling (RS); greedy: target-only (TO)")
-    ap.add_argument("--gamma", type=positive(int), default=3, help="drafted tokens per round")
+    ap.add_argument("--gamma", type=integer_in(1, K), default=3,
+                    help=f"drafted tokens per round, 1..{K} (the depth the MTP layer is trained to)")
     ap.add_argument("--mtp-online", choices=["none", "ce", "tv", "e2e_tv"], default="none",
                     help="update the MTP layer during RL with this loss (default: frozen)")
     ap.add_argument("--kl-coef", type=non_negative, default=0.0, help="k3 KL to the SFT policy")
-    for name in ("sft-steps", "mtp-steps", "rl-steps", "batch-size", "rl-prompts", "group-size"):
-        ap.add_argument(f"--{name}", type=positive(int), help="override the preset")
+    for name in ("sft-steps", "mtp-steps", "rl-steps", "batch-size", "rl-prompts"):
+        ap.add_argument(f"--{name}", type=integer_in(1), help="override the preset")
+    ap.add_argument("--group-size", type=integer_in(2), help="samples per prompt, >= 2 (override the preset)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available on this machine (use --device cpu)")
-    if args.group_size == 1:
-        ap.error("--group-size must be >= 2: GRPO's advantage compares samples of the same prompt")
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def train(args):
+    """SFT -> pre-RL MTP training -> GRPO -> side-by-side rollout timing. Returns (model, summary)."""
     t_start = time.time()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    preset = args.preset or ("gpu" if device == "cuda" else "cpu")
+    world, device = setup_distributed(device)
+    preset = args.preset or ("gpu" if device.startswith("cuda") else "cpu")
     tc = TrainConfig(preset=preset, seed=args.seed, mtp_loss=args.mtp_loss, rollout=args.rollout, draft=args.draft,
                      gamma=args.gamma, mtp_online=args.mtp_online, kl_coef=args.kl_coef)
     for key, value in PRESETS[preset].items():
@@ -1137,18 +1245,21 @@ def main(argv=None):
     for key in ("sft_steps", "mtp_steps", "rl_steps", "batch_size", "rl_prompts", "group_size"):
         if getattr(args, key) is not None:
             setattr(tc, key, getattr(args, key))
+    for key in ("batch_size", "rl_prompts"):
+        if getattr(tc, key) % world.world_size:
+            raise SystemExit(f"--{key.replace('_', '-')} {getattr(tc, key)} must be divisible by the number "
+                             f"of ranks ({world.world_size})")
     task = DigitSumTask(seed=tc.task_seed)
     cfg = build_config(tc, task)
-    if tc.gamma > cfg.mtp_train_steps:
-        raise SystemExit(f"--gamma {tc.gamma}: must be <= mtp_train_steps ({cfg.mtp_train_steps}), "
-                         f"the depth the MTP layer was trained for")
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(tc.seed)                       # the same initial weights on every rank
     model = GPT(cfg).to(device)
-    run = Run(args.out, tc, cfg, args.resume)
-    print(f"bebop: preset {preset} on {device}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-          f"({cfg.n_layer} layers + 1 MTP layer, d={cfg.n_embd}); task: write N digits that sum to S")
-    gen_data = torch.Generator().manual_seed(tc.seed)
-    gen_roll = torch.Generator(device).manual_seed(tc.seed + 1)
+    run = Run(args.out, tc, cfg, args.resume, world)
+    if world.master:
+        print(f"bebop: preset {preset} on {device} x {world.world_size}, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({cfg.n_layer} layers + "
+              f"1 MTP layer, d={cfg.n_embd}); task: write N digits that sum to S")
+    gen_data = torch.Generator().manual_seed(tc.seed + 1000 * world.rank)          # each rank its own data
+    gen_roll = torch.Generator(device).manual_seed(tc.seed + 1 + 1000 * world.rank)
     held_out = tuple(x.to(device) for x in task.prompts(tc.eval_prompts, torch.Generator().manual_seed(tc.task_seed + 1)))
 
     train_sft(run, model, task, gen_data, device)
@@ -1157,18 +1268,29 @@ def main(argv=None):
     ckpt = run.load("grpo")
     if ckpt is not None:
         extra.update(ckpt["extra"])
-    if "reward_before" not in extra:
+    if world.master and "reward_before" not in extra:
         extra["reward_before"], extra["accuracy_before"] = evaluate(model, task, held_out, tc.seed, tc.gamma)
     train_grpo(run, model, task, gen_data, gen_roll, device, extra)
-    reward_after, accuracy_after = evaluate(model, task, held_out, tc.seed, tc.gamma)
+    summary = None
+    if world.master:
+        summary = summarize(model, task, tc, held_out, extra, t_start, args.out, device)
+    if world.world_size > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+    return model, summary
 
+
+def summarize(model, task, tc: TrainConfig, held_out, extra, t_start, out, device):
+    """Evaluate after RL, time speculative against plain decoding side by side, print and save."""
+    reward_after, accuracy_after = evaluate(model, task, held_out, tc.seed, tc.gamma)
     batch = held_out[0][:tc.rl_prompts * tc.group_size]
-    ar_tps, spec_tps, spec_len = time_rollouts(model, batch, task.max_new_tokens, tc.gamma)
-    ar_tps1, spec_tps1, _ = time_rollouts(model, batch[:1], task.max_new_tokens, tc.gamma)
+    ar_tps, spec_tps, _ = time_rollouts(model, batch, task.max_new_tokens, tc.gamma, EOS)
+    ar_tps1, spec_tps1, _ = time_rollouts(model, batch[:1], task.max_new_tokens, tc.gamma, EOS, repeats=10)
     recent = extra.get("recent", [])
     summary = dict(
-        preset=preset, device=device, mtp_loss=tc.mtp_loss, rollout=tc.rollout, draft=tc.draft, gamma=tc.gamma,
-        reward_before=extra["reward_before"], reward_after=reward_after,
+        preset=tc.preset, device=str(device), mtp_loss=tc.mtp_loss, rollout=tc.rollout, draft=tc.draft,
+        gamma=tc.gamma, reward_before=extra["reward_before"], reward_after=reward_after,
         accuracy_before=extra["accuracy_before"], accuracy_after=accuracy_after,
         acceptance=recent_acceptance(recent),
         accept_length=sum(m["accept_length"] for m in recent) / max(1, len(recent)),
@@ -1178,25 +1300,35 @@ def main(argv=None):
         rollout_speedup_batch1=spec_tps1 / ar_tps1,
         wall_seconds=time.time() - t_start,
     )
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
+    with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    cfg = model.config
     alphas = ", ".join(f"{a:.3f}" for a in summary["acceptance"]) if summary["acceptance"] else "n/a (plain rollouts)"
     print(f"""
 What happened
   SFT taught a {cfg.n_layer}-layer GPT the task from examples; its MTP layer then learned, with the
   policy frozen, to draft the policy's own next tokens ({tc.mtp_loss} loss); GRPO improved the policy with
   rollouts drafted by that MTP layer and verified by exact rejection sampling, so they are on-policy.
-  reward on {tc.eval_prompts} held-out prompts   {summary['reward_before']:.3f} -> {reward_after:.3f}   """
+  reward on {len(held_out[0])} held-out prompts      {summary['reward_before']:.3f} -> {reward_after:.3f} """
           f"""(exactly right: {summary['accuracy_before']:.1%} -> {accuracy_after:.1%})
   acceptance per draft step (last RL steps)  {alphas}
   tokens per policy forward            {summary['accept_length']:.2f} of at most {tc.gamma + 1}
   policy entropy per token             {summary['entropy']:.3f} nats
-  rollout speed, batch {batch.size(0)}              {spec_tps:.0f} tok/s speculative vs {ar_tps:.0f} plain """
+  rollout speed, batch {batch.size(0):<4}            {spec_tps:.0f} tok/s speculative vs {ar_tps:.0f} plain """
           f"""-> {summary['rollout_speedup']:.2f}x
   rollout speed, batch 1               {spec_tps1:.0f} tok/s speculative vs {ar_tps1:.0f} plain """
           f"""-> {summary['rollout_speedup_batch1']:.2f}x
-  wall time                            {summary['wall_seconds']:.0f} s; summary in {os.path.join(args.out, 'summary.json')}""")
+  wall time                            {summary['wall_seconds']:.0f} s; summary in {os.path.join(out, 'summary.json')}""")
     return summary
+
+
+def main(argv=None):
+    try:
+        return train(parse_args(argv))[1]
+    except KeyboardInterrupt as e:
+        raise SystemExit(f"\ninterrupted: {e}" if str(e) else "\ninterrupted")
+    except CheckpointError as e:   # one clear line, no traceback
+        raise SystemExit(f"bebop: error: {e}")
 
 
 if __name__ == "__main__":

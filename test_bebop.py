@@ -564,3 +564,130 @@ def test_grpo_raises_held_out_reward(sft_policy, task, tmp_path):
     assert after > before + 0.02, (before, after)
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert len(log) == 40 and all(0 <= m["reward"] <= 1 and len(m["acceptance"]) == 3 for m in log)
+
+
+# ----------------------------------------------------------------------------- checkpoints, resume, ranks
+
+TINY_RUN = ["--preset", "tiny", "--sft-steps", "20", "--mtp-steps", "8", "--rl-steps", "6", "--rl-prompts", "4",
+            "--group-size", "4"]
+
+
+def states_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("where", ["sft_loss", "grpo_loss"])
+def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, where):
+    import signal
+    full, _ = bebop.train(bebop.parse_args(TINY_RUN + ["--out", str(tmp_path / "a")]))
+    original = getattr(bebop, where)
+    calls = []
+    def interrupting(*args, **kwargs):   # Ctrl-C arrives in the middle of the third step
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(bebop, where, interrupting)
+    with pytest.raises(KeyboardInterrupt, match="continue with --resume"):
+        bebop.train(bebop.parse_args(TINY_RUN + ["--out", str(tmp_path / "b")]))
+    monkeypatch.setattr(bebop, where, original)
+    stage = "sft" if where == "sft_loss" else "grpo"
+    assert torch.load(tmp_path / "b" / f"{stage}.pt", weights_only=False)["step"] == 3
+    resumed, summary = bebop.train(bebop.parse_args(TINY_RUN + ["--out", str(tmp_path / "b"), "--resume"]))
+    assert states_equal(full.state_dict(), resumed.state_dict())
+    assert summary["reward_before"] == json.load(open(tmp_path / "a" / "summary.json"))["reward_before"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    bebop.train(bebop.parse_args(TINY_RUN + ["--out", str(out)]))
+    return out
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_checkpoint_is_refused_and_left_alone(finished_run, tmp_path, damage):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    path = out / "mtp.pt"
+    data = path.read_bytes()
+    bad = b"not a checkpoint" if damage == "garbage" else data[:len(data) // 2]
+    path.write_bytes(bad)
+    with pytest.raises(bebop.CheckpointError, match="mtp.pt is unreadable or truncated"):
+        bebop.train(bebop.parse_args(TINY_RUN + ["--out", str(out), "--resume"]))
+    assert path.read_bytes() == bad and (out / "sft.pt").exists()
+
+
+def test_checkpoint_from_another_config_is_refused(finished_run, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    args = [a if a != "tiny" else "cpu" for a in TINY_RUN]
+    with pytest.raises(bebop.CheckpointError, match="was made with n_layer=2, this run has n_layer=6"):
+        bebop.train(bebop.parse_args(args + ["--out", str(out), "--resume"]))
+
+
+def test_main_prints_one_line_for_a_bad_checkpoint(finished_run, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (out / "sft.pt").write_bytes(b"oops")
+    with pytest.raises(SystemExit, match="^bebop: error: checkpoint .*sft.pt is unreadable"):
+        bebop.main(TINY_RUN + ["--out", str(out), "--resume"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--gamma", "0"], "argument --gamma: must be in 1..5, got 0"),
+    (["--gamma", "6"], "argument --gamma: must be in 1..5, got 6"),
+    (["--group-size", "1"], "argument --group-size: must be >= 2, got 1"),
+    (["--rl-steps", "0"], "argument --rl-steps: must be >= 1, got 0"),
+    (["--kl-coef", "-0.1"], "argument --kl-coef: must be >= 0, got -0.1"),
+    (["--mtp-loss", "mse"], "argument --mtp-loss: invalid choice: 'mse'"),
+    (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    (["--rollout", "beam"], "argument --rollout: invalid choice: 'beam'"),
+])
+def test_bad_arguments_get_one_clear_line(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        bebop.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def _ddp_worker(rank, world, port, out, results):
+    import os
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    calls = []
+    reduce = bebop.all_reduce
+    def spy(values, w, op="mean"):   # record what each rank contributes and what comes back
+        reduced = reduce(values, w, op)
+        calls.append((list(values), op, reduced))
+        return reduced
+    bebop.all_reduce = spy
+    model, _ = bebop.train(bebop.parse_args(TINY_RUN + ["--out", out]))
+    torch.save(dict(state=model.state_dict(), calls=calls), f"{results}/rank{rank}.pt")
+
+
+def test_two_ranks_with_gloo_stay_in_sync_and_log_reduced_metrics(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    mp.spawn(_ddp_worker, args=(2, port, str(out), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert states_equal(r0["state"], r1["state"])
+    assert len(r0["calls"]) == len(r1["calls"])
+    # GRPO's averaged numbers are the 6-value reductions; their second entry is the reward
+    grpo = [(a, b) for a, b in zip(r0["calls"], r1["calls"]) if len(a[0]) == 6]
+    log = [json.loads(line) for line in open(out / "log.jsonl") if '"grpo"' in line]
+    assert len(grpo) == len(log) == 6
+    differ = 0
+    for (v0, _, reduced), (v1, _, _), entry in zip(*zip(*grpo), log):
+        assert entry["reward"] == pytest.approx((v0[1] + v1[1]) / 2, abs=1e-12)
+        assert entry["reward"] == pytest.approx(reduced[1], abs=1e-12)
+        assert entry["entropy"] == pytest.approx((v0[3] + v1[3]) / 2, abs=1e-12)
+        differ += v0[3] != v1[3]
+    assert differ == len(log), "both ranks drew the same rollouts: the data is not split"
