@@ -313,6 +313,16 @@ def test_cache_logits_logprobs_and_drafts_match_the_training_path(drafted_model)
     assert checked_q > 50
 
 
+def test_logprobs_are_at_the_sampling_temperature(drafted_model):
+    for fn in (bebop.generate, bebop.speculative_generate):
+        out = fn(drafted_model, RAGGED[:1], 10, temperature=0.7, generator=torch.Generator().manual_seed(0))
+        seq = out.tokens[0]
+        with torch.no_grad():
+            logits = drafted_model(seq[None, :-1])[0, 2:]
+        expected = F.log_softmax(logits / 0.7, -1).gather(-1, seq[3:, None]).squeeze(-1)
+        torch.testing.assert_close(out.logprobs[0], expected, atol=1e-5, rtol=0)
+
+
 def test_draft_consistency_test_can_fail(drafted_model):
     """The training path with a shifted anchor does not match the online drafts: the check has teeth."""
     trace = []
@@ -691,3 +701,5 @@ def test_two_ranks_with_gloo_stay_in_sync_and_log_reduced_metrics(tmp_path):
         assert entry["entropy"] == pytest.approx((v0[3] + v1[3]) / 2, abs=1e-12)
         differ += v0[3] != v1[3]
     assert differ == len(log), "both ranks drew the same rollouts: the data is not split"
+    sft0, sft1 = ([c[0][0] for c in r["calls"] if len(c[0]) == 1 and c[1] == "mean"] for r in (r0, r1))
+    assert len(sft0) == 20 + 8 and all(a != b for a, b in zip(sft0, sft1)), "ranks trained on the same batches"
