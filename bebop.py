@@ -1186,7 +1186,222 @@ def recent_acceptance(recent):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 8. main(): SFT -> pre-RL MTP training -> GRPO with speculative rollouts -> side-by-side timing.
+# 8. Experiments: the paper's findings at toy scale. `python bebop.py --experiment NAME` (or `all`).
+# All start from one SFT checkpoint (out/sft.pt, trained once and reused); MTP heads and RL runs are
+# cached in out/exp_*/ so an interrupted sweep resumes. Results go to out/experiments.json.
+
+EXPERIMENTS = ("losses", "temperature", "rl", "entropy", "boundary")
+TEMPERATURES = (0.3, 0.5, 0.7, 0.9, 1.1, 1.3, 1.5)
+
+
+def fit_slope(x, y):
+    """Least-squares slope of y on x."""
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    x = x - x.mean()
+    return float((x * (y - y.mean())).sum() / (x * x).sum().clamp(min=1e-12))
+
+
+@torch.no_grad()
+def token_acceptance(model: GPT, tokens, mask, temperature: float = 1.0):
+    """Per drafted position of some rollouts, teacher-forced at depth 1 (which equals what decoding
+    sees, as the draft-consistency test proves): target law p and draft law q at the temperature,
+    H(p), RS acceptance sum_v min(p, q) (Eq. 2) and TO acceptance p(argmax q) (Eq. 1)."""
+    lengths = PROMPT_LEN + mask.sum(1)
+    target_logits, draft_logits = model.mtp_logits(tokens, 1)
+    draft, target, _, _ = mtp_chain_targets(tokens, lengths, target_logits, draft_logits)
+    p, q = probs_from_logits(target[:, 0], temperature), probs_from_logits(draft[:, 0], temperature)
+    entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)
+    rs = torch.minimum(p, q).sum(-1)
+    to = p.gather(-1, q.argmax(-1, keepdim=True)).squeeze(-1)
+    return dict(p=p, q=q, entropy=entropy, rs=rs, to=to)
+
+
+class Lab:
+    """What the experiments share: the task, the SFT policy, the MTP heads trained with each loss."""
+
+    def __init__(self, args):
+        self.tc, self.task, self.cfg, self.device, _ = configure(args)
+        self.out = args.out
+        torch.manual_seed(self.tc.seed)
+        model = GPT(self.cfg).to(self.device)
+        train_sft(Run(self.out, self.tc, self.cfg, resume=True), model, self.task,
+                  torch.Generator().manual_seed(self.tc.seed), self.device)
+        self.sft_state = {k: v.clone() for k, v in model.state_dict().items()}
+        self.held_out = held_out_prompts(self.task, self.tc, self.device)
+        self.heads = {}
+
+    def policy_with_head(self, loss: str) -> GPT:
+        """The SFT policy with an MTP layer trained by `loss` (same budget and seed for every loss)."""
+        if loss not in self.heads:
+            model = GPT(self.cfg).to(self.device)
+            model.load_state_dict(self.sft_state)
+            tc = TrainConfig(**{**asdict(self.tc), "mtp_loss": loss})
+            run = Run(os.path.join(self.out, f"exp_mtp_{loss}"), tc, self.cfg, resume=True)
+            train_mtp(run, model, self.task, torch.Generator().manual_seed(self.tc.seed), self.device)
+            self.heads[loss] = {k: v.clone() for k, v in model.state_dict().items()}
+        model = GPT(self.cfg).to(self.device)
+        model.load_state_dict(self.heads[loss])
+        return model.eval()
+
+    def rollouts(self, model: GPT, temperature=1.0, draft="sample", seed=0):
+        gen = torch.Generator(self.device).manual_seed(seed)
+        return speculative_generate(model, self.held_out[0], self.task.max_new_tokens, gamma=self.tc.gamma,
+                                    temperature=temperature, draft=draft, generator=gen, eos=EOS)
+
+
+def experiment_losses(lab: Lab):
+    """Table 2: RS and TO acceptance of MTP heads trained with each loss, held-out rollouts, T = 1."""
+    result = {}
+    for loss in MTP_LOSSES:
+        model = lab.policy_with_head(loss)
+        rs, to = lab.rollouts(model, draft="sample").stats, lab.rollouts(model, draft="greedy").stats
+        result[loss] = dict(rs_acceptance=rs["acceptance"], to_acceptance=to["acceptance"],
+                            rs_accept_length=rs["accept_length"], to_accept_length=to["accept_length"])
+    print("\nlosses (paper Table 2; expect RS: e2e_tv > tv > rkl >= kl ~ ce, TO nearly equal)")
+    print(f"  {'loss':8} {'RS alpha_1..gamma':24} {'RS len':>7}   {'TO alpha_1..gamma':24} {'TO len':>7}")
+    for loss, r in result.items():
+        fmt = lambda a: "/".join(f"{x:.3f}" for x in a)
+        print(f"  {loss:8} {fmt(r['rs_acceptance']):24} {r['rs_accept_length']:7.3f}   "
+              f"{fmt(r['to_acceptance']):24} {r['to_accept_length']:7.3f}")
+    return result
+
+
+def experiment_temperature(lab: Lab):
+    """Fig. 12a: RS and TO acceptance across sampling temperatures, CE and e2e-TV heads."""
+    result = {}
+    for loss in ("ce", "e2e_tv"):
+        model = lab.policy_with_head(loss)
+        rows = []
+        for T in TEMPERATURES:
+            rs, to = lab.rollouts(model, T, "sample").stats, lab.rollouts(model, T, "greedy").stats
+            rows.append(dict(temperature=T, rs_alpha1=rs["acceptance"][0], to_alpha1=to["acceptance"][0],
+                             rs_accept_length=rs["accept_length"], to_accept_length=to["accept_length"]))
+        result[loss] = rows
+    print("\ntemperature (paper Fig. 12a; expect RS flat, TO falling as T rises): accept length RS / TO")
+    print("  T      " + "".join(f"{T:>12}" for T in TEMPERATURES))
+    for loss, rows in result.items():
+        print(f"  {loss:7}" + "".join(f"{r['rs_accept_length']:6.2f}/{r['to_accept_length']:<5.2f}" for r in rows))
+    return result
+
+
+RL_VARIANTS = {  # name: (MTP loss of the frozen start, draft rule, online MTP loss)
+    "rs_e2e_tv": ("e2e_tv", "sample", "none"),
+    "rs_ce": ("ce", "sample", "none"),
+    "to_ce": ("ce", "greedy", "none"),
+    "rs_tv_online_ce": ("e2e_tv", "sample", "ce"),
+    "rs_tv_online_tv": ("e2e_tv", "sample", "tv"),
+}
+
+
+def experiment_rl(lab: Lab):
+    """Fig. 6 / 9a: acceptance through GRPO from one start, frozen heads vs online MTP updates."""
+    result = {}
+    for name, (loss, draft, online) in RL_VARIANTS.items():
+        model = lab.policy_with_head(loss)
+        tc = TrainConfig(**{**asdict(lab.tc), "mtp_loss": loss, "draft": draft, "mtp_online": online})
+        run = Run(os.path.join(lab.out, f"exp_rl_{name}"), tc, lab.cfg, resume=True)
+        train_grpo(run, model, lab.task, torch.Generator().manual_seed(tc.seed),
+                   torch.Generator(lab.device).manual_seed(tc.seed + 1), lab.device, {})
+        log = [json.loads(line) for line in open(os.path.join(run.out, "log.jsonl"))]
+        log = [m for m in log if m["stage"] == "grpo"][-tc.rl_steps:]
+        result[name] = dict(accept_length=[m["accept_length"] for m in log], entropy=[m["entropy"] for m in log],
+                            acceptance=[m["acceptance"] for m in log], reward=[m["reward"] for m in log])
+    print("\nrl (paper Fig. 6/9a; expect a frozen TV head to hold, CE updates to pull a TV head down)")
+    print(f"  {'run':18} {'accept len first 10 -> last 10':32} {'entropy first -> last':24} reward")
+    mean = lambda x: sum(x) / len(x)
+    for name, r in result.items():
+        a, h, w = r["accept_length"], r["entropy"], r["reward"]
+        print(f"  {name:18} {mean(a[:10]):6.3f} -> {mean(a[-10:]):6.3f}{'':16} {mean(h[:10]):6.3f} -> "
+              f"{mean(h[-10:]):6.3f}{'':8} {mean(w[:10]):.3f} -> {mean(w[-10:]):.3f}")
+    return result
+
+
+def experiment_entropy(lab: Lab, rl_result):
+    """Fig. 1a: acceptance against the target's entropy, per token and per RL step.
+
+    Per token: rollouts at temperatures 0.7, 1.0 and 1.3 (to widen the entropy range honestly), each
+    drafted position's expected acceptance against H(p). Per RL step: each GRPO step's mean entropy and
+    accept length from the `rl` runs, as the paper plots it."""
+    rs_ce, rs_tv = lab.policy_with_head("ce"), lab.policy_with_head("e2e_tv")
+    H, acc = [], {"to": [], "rs_ce": [], "rs_e2e_tv": []}
+    for T in (0.7, 1.0, 1.3):
+        roll = lab.rollouts(rs_tv, T)
+        ce, tv = token_acceptance(rs_ce, roll.tokens, roll.mask, T), token_acceptance(rs_tv, roll.tokens, roll.mask, T)
+        H.append(tv["entropy"])
+        acc["to"].append(ce["to"]), acc["rs_ce"].append(ce["rs"]), acc["rs_e2e_tv"].append(tv["rs"])
+    H = torch.cat(H)
+    acc = {k: torch.cat(v) for k, v in acc.items()}
+    edges = torch.quantile(H.double(), torch.linspace(0, 1, 9, dtype=torch.float64))
+    bucket = torch.bucketize(H.double(), edges[1:-1])
+    buckets = [dict(entropy=H[bucket == b].mean().item(), tokens=int((bucket == b).sum()),
+                    **{k: v[bucket == b].mean().item() for k, v in acc.items()}) for b in range(8)]
+    rl_slope = {k: fit_slope(rl_result[run]["entropy"], rl_result[run]["accept_length"])
+                for k, run in (("to", "to_ce"), ("rs_ce", "rs_ce"), ("rs_e2e_tv", "rs_e2e_tv"))}
+    spans = {run: (min(rl_result[run]["entropy"]), max(rl_result[run]["entropy"])) for run in ("to_ce", "rs_ce", "rs_e2e_tv")}
+    result = dict(slope={k: fit_slope(H, v) for k, v in acc.items()}, buckets=buckets, rl_slope=rl_slope,
+                  rl_entropy_span=spans, token_entropy_span=(H.min().item(), H.max().item()))
+    print("\nentropy (paper Fig. 1a: accept length per nat TO -1.68, RS-CE -1.68, RS-TV -0.06)")
+    print("  per token, depth-1 acceptance per nat: " + ", ".join(f"{k} {v:+.3f}" for k, v in result["slope"].items()))
+    print("  per RL step, accept length per nat:    " + ", ".join(f"{k} {v:+.3f}" for k, v in rl_slope.items()))
+    print("  buckets: " + "  ".join(f"H={b['entropy']:.2f}: TO {b['to']:.2f} RS-CE {b['rs_ce']:.2f} "
+                                    f"RS-TV {b['rs_e2e_tv']:.2f}" for b in buckets[::2]))
+    return result
+
+
+def experiment_boundary(lab: Lab, trials: int = 64):
+    """App. E: RS beats TO on a token exactly when d_TV(p, q) < 1 - p(argmax q) (Eq. 48). Check the
+    prediction against what the sampler actually does: `trials` RS and TO verifications per token."""
+    result = {}
+    for loss in ("ce", "e2e_tv"):
+        model = lab.policy_with_head(loss)
+        roll = lab.rollouts(model)
+        tok = token_acceptance(model, roll.tokens, roll.mask)
+        p, q = tok["p"], tok["q"]
+        predicted = (1 - tok["rs"]) < 1 - tok["to"]
+        gen = torch.Generator(lab.device).manual_seed(0)
+        wins = {}
+        for rule in ("sample", "greedy"):
+            P = p[:, None].expand(-1, trials, -1).reshape(-1, 1, p.size(-1))
+            Q = q[:, None].expand(-1, trials, -1).reshape(-1, 1, q.size(-1))
+            d = sample(Q[:, 0], gen) if rule == "sample" else Q[:, 0].argmax(-1)
+            Q = Q if rule == "sample" else F.one_hot(d, q.size(-1)).float()[:, None]
+            n, _ = rejection_sample(torch.cat([P, P], 1), Q, d[:, None], gen)
+            wins[rule] = n.view(-1, trials).float().mean(1)
+        actual = wins["sample"] > wins["greedy"]
+        clear = (tok["rs"] - tok["to"]).abs() > 0.1
+        result[loss] = dict(tokens=int(p.size(0)), rs_predicted_to_win=predicted.float().mean().item(),
+                            agreement=(predicted == actual).float().mean().item(),
+                            agreement_clear_cases=(predicted == actual)[clear].float().mean().item(),
+                            clear_cases=int(clear.sum()), trials_per_token=trials)
+    print("\nboundary (paper App. E, Eq. 48: RS wins iff d_TV(p, q) < 1 - p(argmax q))")
+    for loss, r in result.items():
+        print(f"  {loss:7} RS predicted to win on {r['rs_predicted_to_win']:.1%} of {r['tokens']} tokens; "
+              f"prediction matches {trials} sampled verifications on {r['agreement']:.1%} "
+              f"({r['agreement_clear_cases']:.1%} where the rules differ by > 0.1)")
+    return result
+
+
+def run_experiments(args):
+    t0 = time.time()
+    lab = Lab(args)
+    names = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
+    path = os.path.join(args.out, "experiments.json")
+    results = json.load(open(path)) if os.path.exists(path) else {}
+    for name in names:
+        if name == "entropy":
+            if "rl" not in results:
+                results["rl"] = experiment_rl(lab)
+            results[name] = experiment_entropy(lab, results["rl"])
+        else:
+            results[name] = globals()[f"experiment_{name}"](lab)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+    print(f"\nexperiments {', '.join(names)} done in {time.time() - t0:.0f} s; results in {path}")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# 9. main(): SFT -> pre-RL MTP training -> GRPO with speculative rollouts -> side-by-side timing.
 
 
 def parse_args(argv=None):
@@ -1225,15 +1440,16 @@ def parse_args(argv=None):
     for name in ("sft-steps", "mtp-steps", "rl-steps", "batch-size", "rl-prompts"):
         ap.add_argument(f"--{name}", type=integer_in(1), help="override the preset")
     ap.add_argument("--group-size", type=integer_in(2), help="samples per prompt, >= 2 (override the preset)")
+    ap.add_argument("--experiment", choices=EXPERIMENTS + ("all",),
+                    help="reproduce one of the paper's findings at toy scale instead of the default run")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available on this machine (use --device cpu)")
     return args
 
 
-def train(args):
-    """SFT -> pre-RL MTP training -> GRPO -> side-by-side rollout timing. Returns (model, summary)."""
-    t_start = time.time()
+def configure(args):
+    """Everything a run is made of: (train config, task, model config, device, ranks)."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     world, device = setup_distributed(device)
     preset = args.preset or ("gpu" if device.startswith("cuda") else "cpu")
@@ -1250,17 +1466,28 @@ def train(args):
             raise SystemExit(f"--{key.replace('_', '-')} {getattr(tc, key)} must be divisible by the number "
                              f"of ranks ({world.world_size})")
     task = DigitSumTask(seed=tc.task_seed)
-    cfg = build_config(tc, task)
+    return tc, task, build_config(tc, task), device, world
+
+
+def held_out_prompts(task: DigitSumTask, tc: TrainConfig, device):
+    """The fixed evaluation prompts (never trained on: drawn from their own seed)."""
+    return tuple(x.to(device) for x in task.prompts(tc.eval_prompts, torch.Generator().manual_seed(tc.task_seed + 1)))
+
+
+def train(args):
+    """SFT -> pre-RL MTP training -> GRPO -> side-by-side rollout timing. Returns (model, summary)."""
+    t_start = time.time()
+    tc, task, cfg, device, world = configure(args)
     torch.manual_seed(tc.seed)                       # the same initial weights on every rank
     model = GPT(cfg).to(device)
     run = Run(args.out, tc, cfg, args.resume, world)
     if world.master:
-        print(f"bebop: preset {preset} on {device} x {world.world_size}, "
+        print(f"bebop: preset {tc.preset} on {device} x {world.world_size}, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({cfg.n_layer} layers + "
               f"1 MTP layer, d={cfg.n_embd}); task: write N digits that sum to S")
     gen_data = torch.Generator().manual_seed(tc.seed + 1000 * world.rank)          # each rank its own data
     gen_roll = torch.Generator(device).manual_seed(tc.seed + 1 + 1000 * world.rank)
-    held_out = tuple(x.to(device) for x in task.prompts(tc.eval_prompts, torch.Generator().manual_seed(tc.task_seed + 1)))
+    held_out = held_out_prompts(task, tc, device)
 
     train_sft(run, model, task, gen_data, device)
     train_mtp(run, model, task, gen_data, device)
@@ -1324,7 +1551,8 @@ What happened
 
 def main(argv=None):
     try:
-        return train(parse_args(argv))[1]
+        args = parse_args(argv)
+        return run_experiments(args) if args.experiment else train(args)[1]
     except KeyboardInterrupt as e:
         raise SystemExit(f"\ninterrupted: {e}" if str(e) else "\ninterrupted")
     except CheckpointError as e:   # one clear line, no traceback
