@@ -815,6 +815,8 @@ class TrainConfig:
     mtp_steps: int = 400
     mtp_lr: float = 3e-3
     mtp_loss: str = "e2e_tv"     # the paper's headline objective (Eq. 13)
+    mtp_ce_warmup: float = 0.5   # first fraction of MTP steps on CE: real MTP heads come CE-pretrained,
+                                 # and TV alone cannot learn a token the head gives no mass (grad ~ q)
     rl_steps: int = 100
     rl_lr: float = 2e-4
     rl_prompts: int = 8          # prompts per GRPO step; each gets group_size samples
@@ -1082,25 +1084,32 @@ def train_sft(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
 
 
 def train_mtp(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
-    """Pre-RL MTP training: the backbone is frozen, the MTP layer learns to match its own law."""
+    """Pre-RL MTP training: the backbone is frozen, the MTP layer learns to match its own law.
+
+    As in the paper, the chosen objective is a pass over a head that was first trained with CE (the
+    way real MTP heads come out of pretraining): TV's gradient q (S - 1 + 1[q > p]) vanishes on tokens
+    the head gives no mass, so a cold-started TV head never learns a rare but certain token (here the
+    end mark). The first mtp_ce_warmup of the steps are CE; set it to 0 for a cold start."""
     tc, world, K = run.train, run.world, model.config.mtp_train_steps
     params = list(model.mtp.parameters())
     opt = torch.optim.AdamW(params, lr=tc.mtp_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup_steps = int(tc.mtp_ce_warmup * tc.mtp_steps)
 
     def step_fn(step):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc.mtp_steps, tc.mtp_lr, warmup=min(50, tc.mtp_steps // 10 + 1))
+        kind = "ce" if step < warmup_steps else tc.mtp_loss
         seq, lengths = task.sft_batch(tc.batch_size // world.world_size, gen_data)
-        loss = mtp_training_loss(model, tc.mtp_loss, seq.to(device), lengths.to(device), K)
+        loss = mtp_training_loss(model, kind, seq.to(device), lengths.to(device), K)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(params, world)
         torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
-        return dict(loss=all_reduce([loss.item()], world)[0])
+        return dict(loss=all_reduce([loss.item()], world)[0], objective=kind)
 
     model.train()
-    run_stage(run, "mtp", tc.mtp_steps, step_fn, model, opt, [gen_data], lambda m: f"{tc.mtp_loss} {m['loss']:.3f}")
+    run_stage(run, "mtp", tc.mtp_steps, step_fn, model, opt, [gen_data], lambda m: f"{m['objective']} {m['loss']:.3f}")
 
 
 def rollout(model: GPT, tc: TrainConfig, idx, max_new_tokens: int, generator):
@@ -1401,7 +1410,139 @@ def run_experiments(args):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 9. main(): SFT -> pre-RL MTP training -> GRPO with speculative rollouts -> side-by-side timing.
+# 9. Benchmark: `python bebop.py --bench`. Speculative against plain decoding on one trained model,
+# measured side by side, with the cost of each piece of a speculative step; a GRPO step with each kind of
+# rollout; and the memory-lean TV loss against plain autograd at a 32k vocabulary.
+
+
+def timed(fn, repeats: int, device):
+    """Mean seconds of fn() over `repeats` calls after one warm-up call."""
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / repeats
+
+
+@torch.no_grad()
+def step_costs(model: GPT, B: int, gamma: int, device, repeats: int = 20):
+    """Seconds of one plain decode step, one verify forward (gamma+1 tokens), one MTP draft step."""
+    cfg = model.config
+    caches = Caches(model, B, cfg.block_size)
+    P = cfg.block_size // 2
+    tok = torch.randint(0, cfg.vocab_size, (B, gamma + 1), device=device)
+    backbone_step(model, caches, torch.randint(0, cfg.vocab_size, (B, P), device=device),
+                  torch.arange(P, device=device).expand(B, P))
+    pos = torch.full((B, 1), P, device=device)
+    g = torch.zeros(B, 1, cfg.n_embd, device=device)
+    def draft_step():
+        h = mtp_step(model, caches, g, tok[:, :1], pos)
+        sample(probs_from_logits(model.mtp_head(h[:, 0]), 1.0))
+    return dict(t_plain=timed(lambda: sample(probs_from_logits(backbone_step(model, caches, tok[:, :1], pos)[0][:, 0], 1.0)), repeats, device),
+                t_verify=timed(lambda: backbone_step(model, caches, tok, pos + torch.arange(gamma + 1, device=device)), repeats, device),
+                t_draft=timed(draft_step, repeats, device))
+
+
+def tv_memory_benchmark(device, rows: int = 1024, vocab: int = 32768):
+    """Time and memory of per-row TV with its backward: memory-lean Function vs plain autograd.
+
+    Memory is what the autograd graph keeps for the backward (saved tensors, measured with
+    saved_tensors_hooks on any device) and, on CUDA, the true peak allocation."""
+    g = torch.Generator(device).manual_seed(0)
+    z = torch.randn(rows, vocab, device=device, generator=g)
+    p = F.softmax(torch.randn(rows, vocab, device=device, generator=g), -1)
+    def plain(x):
+        return 1 - torch.minimum(p, F.softmax(x, -1)).sum(-1)
+    result = {}
+    for name, fn in (("plain", plain), ("lean", lambda x: tv_distance(x, p, chunk=256))):
+        saved = {}
+        def pack(t):
+            saved[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+        x = z.clone().requires_grad_(True)
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if str(device).startswith("cuda") else 0
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = fn(x).sum()
+        loss.backward()
+        peak = torch.cuda.max_memory_allocated() - base if str(device).startswith("cuda") else None
+        own = {z.data_ptr(), p.data_ptr(), x.data_ptr()}   # inputs both keep by reference: not extra memory
+        def step():
+            y = z.clone().requires_grad_(True)
+            fn(y).sum().backward()
+        result[name] = dict(seconds=timed(step, 3, device), saved_mb=sum(v for k, v in saved.items() if k not in own) / 2**20,
+                            peak_mb=None if peak is None else peak / 2**20)
+    return result
+
+
+def run_benchmark(args):
+    """Train (or reuse from --out) the preset's SFT policy and MTP layer, then time everything."""
+    tc, task, cfg, device, _ = configure(args)
+    torch.manual_seed(tc.seed)
+    model = GPT(cfg).to(device)
+    run = Run(args.out, tc, cfg, resume=True)
+    gen = torch.Generator().manual_seed(tc.seed)
+    train_sft(run, model, task, gen, device)
+    train_mtp(run, model, task, gen, device)
+    model.eval()
+    held_out = held_out_prompts(task, tc, device)
+    batches = (1, 16, 64, 256) if str(device).startswith("cuda") else (1, 4, 16)
+    rows = []
+    print(f"\nbench on {device}, preset {tc.preset} ({cfg.n_layer} layers + 1 MTP layer, d={cfg.n_embd}), "
+          f"gamma={tc.gamma}, temperature 1, exact sampling, CUDA graphs: not used")
+    print(f"{'batch':>5} {'plain tok/s':>11} {'spec tok/s':>10} {'speedup':>7} {'len':>5} {'t_plain':>8} "
+          f"{'t_verify':>8} {'t_draft':>8} {'t_step':>8} {'ideal':>6} {'ach/ideal':>9} {'ceiling':>7}")
+    for B in batches:
+        idx = held_out[0][torch.arange(B, device=device) % held_out[0].size(0)]
+        plain_tps, spec_tps, accept_len = time_rollouts(model, idx, task.max_new_tokens, tc.gamma, EOS, repeats=3)
+        gen_ = torch.Generator(device).manual_seed(0)
+        t0 = time.perf_counter()
+        out = speculative_generate(model, idx, task.max_new_tokens, gamma=tc.gamma, generator=gen_, eos=EOS)
+        t_step = (time.perf_counter() - t0) / out.stats["target_forwards"]
+        costs = step_costs(model, B, tc.gamma, device)
+        ideal = accept_len * costs["t_plain"] / (costs["t_verify"] + tc.gamma * costs["t_draft"])
+        ceiling = (tc.gamma + 1) * costs["t_plain"] / t_step
+        speedup = spec_tps / plain_tps
+        for mode, tps in (("plain", plain_tps), ("spec", spec_tps)):
+            rows.append(dict(mode=mode, cuda_graphs=False, batch=B, tokens_per_s=tps,
+                             accept_length=accept_len if mode == "spec" else 1.0, **costs, t_spec_step=t_step,
+                             speedup=speedup, ideal_speedup=ideal, achieved_over_ideal=speedup / ideal, ceiling=ceiling))
+        print(f"{B:5d} {plain_tps:11.0f} {spec_tps:10.0f} {speedup:6.2f}x {accept_len:5.2f} "
+              f"{costs['t_plain'] * 1e3:7.2f}ms {costs['t_verify'] * 1e3:7.2f}ms {costs['t_draft'] * 1e3:7.2f}ms "
+              f"{t_step * 1e3:7.2f}ms {ideal:5.2f}x {speedup / ideal:8.0%} {ceiling:6.2f}x")
+
+    grpo = {}
+    for kind in ("spec", "ar"):   # one GRPO step = rollouts + one policy update, from the same weights
+        m = GPT(cfg).to(device)
+        m.load_state_dict(model.state_dict())
+        tcr = TrainConfig(**{**asdict(tc), "rollout": kind, "rl_steps": 3, "ckpt_every": 10**9})
+        bench_run = Run(os.path.join(args.out, f"bench_grpo_{kind}"), tcr, cfg, resume=False)
+        t0 = time.perf_counter()
+        train_grpo(bench_run, m, task, torch.Generator().manual_seed(0), torch.Generator(device).manual_seed(1),
+                   device, {})
+        grpo[kind] = (time.perf_counter() - t0) / 3
+    tv = tv_memory_benchmark(device)
+    print(f"\nGRPO step ({tc.rl_prompts} prompts x {tc.group_size}): {grpo['spec']:.3f} s with speculative rollouts, "
+          f"{grpo['ar']:.3f} s with plain -> {grpo['ar'] / grpo['spec']:.2f}x")
+    print(f"TV loss + backward at vocab 32768, 1024 rows: plain autograd {tv['plain']['seconds'] * 1e3:.0f} ms, "
+          f"keeps {tv['plain']['saved_mb']:.0f} MB for backward; memory-lean {tv['lean']['seconds'] * 1e3:.0f} ms, "
+          f"keeps {tv['lean']['saved_mb']:.2f} MB"
+          + (f"; peak {tv['plain']['peak_mb']:.0f} vs {tv['lean']['peak_mb']:.0f} MB" if tv["lean"]["peak_mb"] else ""))
+    result = dict(device=str(device), preset=tc.preset, rows=rows, grpo_step_seconds=grpo, tv_loss=tv)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(args.out, "bench_details.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# 10. main(): SFT -> pre-RL MTP training -> GRPO with speculative rollouts -> side-by-side timing.
 
 
 def parse_args(argv=None):
@@ -1413,6 +1554,12 @@ def parse_args(argv=None):
                                                  else f"must be in {low}..{high}, got {text}")
             return value
         return check
+
+    def fraction(text):
+        value = float(text)
+        if not 0 <= value <= 1:
+            raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+        return value
 
     def non_negative(text):
         value = float(text)
@@ -1437,9 +1584,12 @@ def parse_args(argv=None):
     ap.add_argument("--mtp-online", choices=["none", "ce", "tv", "e2e_tv"], default="none",
                     help="update the MTP layer during RL with this loss (default: frozen)")
     ap.add_argument("--kl-coef", type=non_negative, default=0.0, help="k3 KL to the SFT policy")
-    for name in ("sft-steps", "mtp-steps", "rl-steps", "batch-size", "rl-prompts"):
+    ap.add_argument("--mtp-ce-warmup", type=fraction, default=0.5,
+                    help="fraction of the MTP steps trained with CE first (0 = cold start with --mtp-loss)")
+    for name in ("sft-steps", "mtp-steps", "rl-steps", "batch-size", "rl-prompts", "eval-prompts"):
         ap.add_argument(f"--{name}", type=integer_in(1), help="override the preset")
     ap.add_argument("--group-size", type=integer_in(2), help="samples per prompt, >= 2 (override the preset)")
+    ap.add_argument("--bench", action="store_true", help="benchmark speculative vs plain decoding (writes bench.json)")
     ap.add_argument("--experiment", choices=EXPERIMENTS + ("all",),
                     help="reproduce one of the paper's findings at toy scale instead of the default run")
     args = ap.parse_args(argv)
@@ -1454,11 +1604,12 @@ def configure(args):
     world, device = setup_distributed(device)
     preset = args.preset or ("gpu" if device.startswith("cuda") else "cpu")
     tc = TrainConfig(preset=preset, seed=args.seed, mtp_loss=args.mtp_loss, rollout=args.rollout, draft=args.draft,
-                     gamma=args.gamma, mtp_online=args.mtp_online, kl_coef=args.kl_coef)
+                     gamma=args.gamma, mtp_online=args.mtp_online, kl_coef=args.kl_coef,
+                     mtp_ce_warmup=args.mtp_ce_warmup)
     for key, value in PRESETS[preset].items():
         if key != "model":
             setattr(tc, key, value)
-    for key in ("sft_steps", "mtp_steps", "rl_steps", "batch_size", "rl_prompts", "group_size"):
+    for key in ("sft_steps", "mtp_steps", "rl_steps", "batch_size", "rl_prompts", "group_size", "eval_prompts"):
         if getattr(args, key) is not None:
             setattr(tc, key, getattr(args, key))
     for key in ("batch_size", "rl_prompts"):
@@ -1552,6 +1703,8 @@ What happened
 def main(argv=None):
     try:
         args = parse_args(argv)
+        if args.bench:
+            return run_benchmark(args)
         return run_experiments(args) if args.experiment else train(args)[1]
     except KeyboardInterrupt as e:
         raise SystemExit(f"\ninterrupted: {e}" if str(e) else "\ninterrupted")
