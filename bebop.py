@@ -10,6 +10,9 @@ its acceptance stays high while GRPO changes the policy.
 Run it:
     pip install -r requirements.txt && python bebop.py        # SFT -> MTP training -> GRPO -> timing
     pip install -r requirements.txt && python -m pytest -q    # the test suite
+    python bebop.py --experiment all                          # the paper's findings at toy scale
+    python bebop.py --bench                                   # speculative vs plain decoding, measured
+    torchrun --standalone --nproc_per_node=2 bebop.py         # data-parallel (gloo on CPU, NCCL on GPUs)
 
 Sections (search for the ruler lines "# ---"):
     1. Config         GPTConfig and the named presets
@@ -18,8 +21,10 @@ Sections (search for the ruler lines "# ---"):
     4. Sampling       temperature, exponential-race sampling, the exact rejection sampler (RS and TO)
     5. Generation     plain autoregressive and MTP speculative decoding over the same cache machinery
     6. Toy task       "write N digits that sum to S" in a random Markov style, and its reward
-    7. Training       SFT, pre-RL MTP training, GRPO with speculative rollouts
-    8. main()         argparse, progress bars, checkpoints, the summary
+    7. Training       SFT, pre-RL MTP training, GRPO with speculative rollouts; checkpoints, DDP
+    8. Experiments    losses (Table 2), temperature (Fig. 12a), rl (Fig. 6/9a), entropy (Fig. 1a), boundary
+    9. Benchmark      tokens/s, the cost of each piece of a speculative step, GRPO step, TV-loss memory
+    10. main()        argparse, the summary
 
 Notation follows the paper: p is the target (policy) distribution, q the draft (MTP) distribution,
 gamma the number of drafted tokens per round, alpha the acceptance rate, d_TV the total variation.
