@@ -249,7 +249,8 @@ class GPT(nn.Module):
         t = torch.arange(T, device=idx.device)
         keys, values, out, g = [], [], [], h
         def stack(k, v):  # this depth's keys join those of the shallower depths
-            keys.append(k), values.append(v)
+            keys.append(k)
+            values.append(v)
             return torch.cat(keys, dim=2), torch.cat(values, dim=2)
         for k in range(1, n_steps + 1):
             nxt = F.pad(idx[:, k:], (0, k))                        # x_{t+k}, zero past the end
@@ -552,7 +553,9 @@ def draft_tokens(model: GPT, caches: Caches, g1, L, gamma: int, temperature: flo
         z = model.mtp_head(g)
         q = probs_from_logits(z, temperature)
         d = q.argmax(-1) if greedy else sample(q, generator)
-        logits.append(z), qs.append(F.one_hot(d, q.size(-1)).float() if greedy else q), ds.append(d)
+        logits.append(z)
+        qs.append(F.one_hot(d, q.size(-1)).float() if greedy else q)   # TO: the draft law is a one-hot
+        ds.append(d)
     return torch.stack(logits, 1), torch.stack(qs, 1), torch.stack(ds, 1)
 
 
@@ -1342,7 +1345,9 @@ def experiment_entropy(lab: Lab, rl_result):
         roll = lab.rollouts(rs_tv, T)
         ce, tv = token_acceptance(rs_ce, roll.tokens, roll.mask, T), token_acceptance(rs_tv, roll.tokens, roll.mask, T)
         H.append(tv["entropy"])
-        acc["to"].append(ce["to"]), acc["rs_ce"].append(ce["rs"]), acc["rs_e2e_tv"].append(tv["rs"])
+        acc["to"].append(ce["to"])
+        acc["rs_ce"].append(ce["rs"])
+        acc["rs_e2e_tv"].append(tv["rs"])
     H = torch.cat(H)
     acc = {k: torch.cat(v) for k, v in acc.items()}
     edges = torch.quantile(H.double(), torch.linspace(0, 1, 9, dtype=torch.float64))
@@ -1505,9 +1510,9 @@ def run_benchmark(args):
     for B in batches:
         idx = held_out[0][torch.arange(B, device=device) % held_out[0].size(0)]
         plain_tps, spec_tps, accept_len = time_rollouts(model, idx, task.max_new_tokens, tc.gamma, EOS, repeats=3)
-        gen_ = torch.Generator(device).manual_seed(0)
         t0 = time.perf_counter()
-        out = speculative_generate(model, idx, task.max_new_tokens, gamma=tc.gamma, generator=gen_, eos=EOS)
+        out = speculative_generate(model, idx, task.max_new_tokens, gamma=tc.gamma,
+                                   generator=torch.Generator(device).manual_seed(0), eos=EOS)
         t_step = (time.perf_counter() - t0) / out.stats["target_forwards"]
         costs = step_costs(model, B, tc.gamma, device)
         ideal = accept_len * costs["t_plain"] / (costs["t_verify"] + tc.gamma * costs["t_draft"])
