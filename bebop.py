@@ -614,7 +614,7 @@ def speculative_generate(model: GPT, prompt, max_new_tokens: int, *, gamma: int 
         n, tokens = rejection_sample(probs_from_logits(target_logits, temperature), q, d, generator)
         g1 = mtp_step(model, caches, h, tokens, vpos)[rows, n]              # next round's g^1
         if trace is not None:
-            trace.append(dict(L=L.clone(), n=n, tokens=tokens, drafts=d, draft_logits=draft_logits,
+            trace.append(dict(L=L.clone(), n=n, tokens=tokens, drafts=d, draft_logits=draft_logits, draft_probs=q,
                               target_logits=target_logits, active=active))
         # Emit, advance each active row by its own n+1, keep finished rows parked.
         lp = logprobs_of(target_logits, tokens, temperature)

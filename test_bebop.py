@@ -323,6 +323,21 @@ def test_logprobs_are_at_the_sampling_temperature(drafted_model):
         torch.testing.assert_close(out.logprobs[0], expected, atol=1e-5, rtol=0)
 
 
+def test_drafts_are_drawn_at_the_sampling_temperature(drafted_model):
+    """q must be the MTP law at the same temperature as p, else acceptance drops (exactness would not
+    catch it: rejection sampling is exact for any q the drafts were really drawn from)."""
+    trace = []
+    out = bebop.speculative_generate(drafted_model, RAGGED[:1], 12, gamma=3, temperature=0.5,
+                                     generator=torch.Generator().manual_seed(0), trace=trace)
+    with torch.no_grad():
+        _, draft_logits = drafted_model.mtp_logits(out.tokens[0][None], 1)
+    for rd in trace:
+        L = int(rd["L"][0])
+        if rd["active"][0]:
+            expected = F.softmax(draft_logits[0, 0, L - 1] / 0.5, -1)
+            torch.testing.assert_close(rd["draft_probs"][0, 0], expected, atol=1e-5, rtol=0)
+
+
 def test_draft_consistency_test_can_fail(drafted_model):
     """The training path with a shifted anchor does not match the online drafts: the check has teeth."""
     trace = []
