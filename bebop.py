@@ -90,6 +90,7 @@ def rope_tables(head_dim: int, n_pos: int, base: float):
 
 def apply_rope(x, cos, sin):
     """Rotate pairs (x1, x2) of channels by each token's own angle; x (B, nh, T, hs), cos/sin (B, 1, T, hs/2)."""
+    # Rotary positions only depend on position differences, so per-row positions need no extra care.
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -102,11 +103,13 @@ class KVCache:
     entries beyond it are hidden by the attention mask and overwritten by the next write."""
 
     def __init__(self, B, n_head, S, head_dim, device, dtype):
+        # Allocated once per generation call: fixed shapes, no reallocation as rows advance.
         self.k = torch.zeros(B, n_head, S, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.rows = torch.arange(B, device=device)[:, None]
 
     def writer(self, pos):
+        # Advanced indexing writes each row's T new entries at that row's own positions, in place.
         def write(k, v):  # k, v (B, nh, T, hs) -> the whole cache, which the mask restricts
             self.k[self.rows, :, pos] = k.transpose(1, 2).to(self.k.dtype)
             self.v[self.rows, :, pos] = v.transpose(1, 2).to(self.v.dtype)
@@ -476,6 +479,8 @@ def prepare_prompts(model: GPT, prompt, max_new_tokens: int, lookahead: int):
     if P + max_new_tokens + lookahead > cfg.block_size:
         raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) + lookahead ({lookahead}) = "
                          f"{P + max_new_tokens + lookahead} exceeds block_size {cfg.block_size}")
+    # Right-padding is safe: a query sees only cache entries at positions <= its own, and a row's padding
+    # lies past its prompt, where its own first generated tokens overwrite it.
     idx = torch.zeros(len(rows), P, dtype=torch.long)
     for b, r in enumerate(rows):
         idx[b, :r.numel()] = r
@@ -525,7 +530,7 @@ def generate(model: GPT, prompt, max_new_tokens: int, *, temperature: float = 1.
         logprobs.append(logprobs_of(logits, x, temperature))
         if eos is not None:
             done |= x == eos
-        if i + 1 == max_new_tokens or (eos is not None and bool(done.all())):
+        if i + 1 == max_new_tokens or (eos is not None and bool(done.all())):   # one host sync per token
             break
         logits, _ = backbone_step(model, caches, x[:, None], pos[:, None])
         logits, pos = logits[:, 0], pos + 1
@@ -611,13 +616,16 @@ def speculative_generate(model: GPT, prompt, max_new_tokens: int, *, gamma: int 
         draft_logits, q, d = draft_tokens(model, caches, g1, L, gamma, temperature, draft == "greedy", generator)
         vpos = L[:, None] + ahead                                            # (B, gamma+1)
         target_logits, h = backbone_step(model, caches, torch.cat([x[:, None], d], 1), vpos)
-        n, tokens = rejection_sample(probs_from_logits(target_logits, temperature), q, d, generator)
+        # One log-softmax serves both the sampler's p and the log-probs GRPO needs.
+        target_logp = F.log_softmax(target_logits.float() / (temperature or 1.0), dim=-1)
+        p = target_logp.exp() if temperature > 0 else probs_from_logits(target_logits, 0)
+        n, tokens = rejection_sample(p, q, d, generator)
         g1 = mtp_step(model, caches, h, tokens, vpos)[rows, n]              # next round's g^1
         if trace is not None:
             trace.append(dict(L=L.clone(), n=n, tokens=tokens, drafts=d, draft_logits=draft_logits, draft_probs=q,
                               target_logits=target_logits, active=active))
         # Emit, advance each active row by its own n+1, keep finished rows parked.
-        lp = logprobs_of(target_logits, tokens, temperature)
+        lp = target_logp.gather(-1, tokens[..., None]).squeeze(-1)
         write = torch.where(active[:, None], count[:, None] + ahead, width - 1)
         valid = active[:, None] & (ahead[None, :] <= n[:, None])
         out_tokens.scatter_(1, write, torch.where(valid, tokens, out_tokens.gather(1, write)))
@@ -782,7 +790,8 @@ def mtp_training_loss(model: GPT, kind: str, seq, lengths, n_steps: int):
 
 
 def group_advantages(rewards, group_size: int, eps: float = 1e-6):
-    """GRPO: (R - mean_G) / (std_G + eps) within each group of G samples of one prompt."""
+    """GRPO: (R - mean_G) / (std_G + eps) within each group of G samples of one prompt.
+    A group whose samples all scored the same has advantage 0: it teaches nothing, by design."""
     R = rewards.view(-1, group_size)
     return ((R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + eps)).flatten()
 
@@ -792,6 +801,8 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2, kl_coef: 
 
     logp (B, T) from the trainer's forward; old_logp (B, T) straight from the rollout (no extra
     forward); optional k3 estimate of KL(pi || pi_ref) to a frozen reference."""
+    # With one update per batch of rollouts the ratio starts at exactly 1 (exact sampling: the rollout's
+    # log-probs are the policy's), so the gradient is A * grad log p; clipping bites on stale rollouts.
     ratio = torch.exp(logp - old_logp)
     A = advantages[:, None]
     surrogate = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
@@ -1069,6 +1080,15 @@ def time_rollouts(model: GPT, idx, max_new_tokens: int, gamma: int, eos=None, se
     return best["ar"], best["spec"], spec.stats["accept_length"]
 
 
+def optimizer_step(loss, optimizer, params, world: Dist, grad_clip: float):
+    """backward, average the gradients over the ranks, clip, step: the same in every stage."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(params, world)
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+
+
 def train_sft(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
     """Supervised fine-tuning of the backbone on the house-style examples (answer tokens only)."""
     tc, world = run.train, run.world
@@ -1080,11 +1100,7 @@ def train_sft(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
             group["lr"] = lr_at(step, tc.sft_steps, tc.sft_lr, warmup=min(100, tc.sft_steps // 10 + 1))
         seq, lengths = task.sft_batch(tc.batch_size // world.world_size, gen_data)   # this rank's share
         loss = sft_loss(model, seq.to(device), lengths.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(params, world)
-        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        opt.step()
+        optimizer_step(loss, opt, params, world, tc.grad_clip)
         return dict(loss=all_reduce([loss.item()], world)[0])
 
     model.train()
@@ -1109,11 +1125,7 @@ def train_mtp(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
         kind = "ce" if step < warmup_steps else tc.mtp_loss
         seq, lengths = task.sft_batch(tc.batch_size // world.world_size, gen_data)
         loss = mtp_training_loss(model, kind, seq.to(device), lengths.to(device), K)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(params, world)
-        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        opt.step()
+        optimizer_step(loss, opt, params, world, tc.grad_clip)
         return dict(loss=all_reduce([loss.item()], world)[0], objective=kind)
 
     model.train()
@@ -1143,7 +1155,8 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
         ref.requires_grad_(False).eval()
 
     def step_fn(step):
-        # This rank's prompts; every group of G samples of one prompt stays on one rank.
+        # This rank's prompts; every group of G samples of one prompt stays on one rank, so advantages
+        # need no communication.
         idx, S, N = task.prompts(tc.rl_prompts // world.world_size, gen_data)
         idx, S, N = (x.repeat_interleave(G, 0).to(device) for x in (idx, S, N))
         t0 = time.perf_counter()
@@ -1156,20 +1169,14 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
         logp, entropy = policy_logprobs(model, roll.tokens, PROMPT_LEN)
         ref_logp = policy_logprobs(ref, roll.tokens, PROMPT_LEN)[0].detach() if ref is not None else None
         loss = grpo_loss(logp, roll.logprobs, advantages, roll.mask, tc.clip_eps, tc.kl_coef, ref_logp)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(params, world)
-        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        opt.step()
+        optimizer_step(loss, opt, params, world, tc.grad_clip)
         if tc.mtp_online != "none":  # paper 5.3: own optimizer, learning rate and clipping
             lengths = PROMPT_LEN + roll.mask.sum(1)
             mtp_l = mtp_training_loss(model, tc.mtp_online, roll.tokens, lengths, model.config.mtp_train_steps)
-            mtp_opt.zero_grad(set_to_none=True)
-            mtp_l.backward()
-            average_gradients(mtp_params, world)
-            torch.nn.utils.clip_grad_norm_(mtp_params, tc.grad_clip)
-            mtp_opt.step()
+            optimizer_step(mtp_l, mtp_opt, mtp_params, world, tc.grad_clip)
 
+        # Log what a user watches, reduced over ranks: means of per-rank means (equal batch sizes), sums
+        # for throughput and draft counts, acceptance recomputed from the pooled counts.
         mask = roll.mask.float()
         means = all_reduce([loss.item(), rewards.mean().item(), correct.float().mean().item(),
                             ((entropy.detach() * mask).sum() / mask.sum()).item(), roll.stats["accept_length"],
