@@ -19,23 +19,30 @@ Sections (search for the ruler lines "# ---"):
     2. Model          RMSNorm, rotary attention, static KV cache with per-row positions, GPT, MTP layer
     3. Losses         CE, KL, reverse KL, per-step TV (Eq. 10/11, memory-lean), end-to-end TV (Eq. 13)
     4. Sampling       temperature, exponential-race sampling, the exact rejection sampler (RS and TO)
-    5. Generation     plain autoregressive and MTP speculative decoding over the same cache machinery
-    6. Toy task       "write N digits that sum to S" in a random Markov style, and its reward
-    7. Training       SFT, pre-RL MTP training, GRPO with speculative rollouts; checkpoints, DDP
-    8. Experiments    losses (Table 2), temperature (Fig. 12a), rl (Fig. 6/9a), entropy (Fig. 1a), boundary
-    9. Benchmark      tokens/s, the cost of each piece of a speculative step, GRPO step, TV-loss memory
-    10. main()        argparse, the summary
+    5. Generation     plain autoregressive and MTP speculative decoding: a prefill, then an in-place step
+    6. CUDA graphs    capture/replay of that step over static buffers, applied from outside the algorithm
+    7. Toy task       "write N digits that sum to S" in a random Markov style, and its reward
+    8. Training       SFT, pre-RL MTP training, GRPO with speculative rollouts; checkpoints, DDP
+    9. Experiments    losses (Table 2), temperature (Fig. 12a), rl (Fig. 6/9a), entropy (Fig. 1a), boundary
+    10. Benchmark     tokens/s, the cost of each piece of a speculative step, GRPO step, TV-loss memory
+    11. main()        argparse, the summary
 
 Notation follows the paper: p is the target (policy) distribution, q the draft (MTP) distribution,
 gamma the number of drafted tokens per round, alpha the acceptance rate, d_TV the total variation.
 """
 import argparse
+import contextlib
+import functools
+import itertools
 import json
 import math
 import os
 import signal
 import time
+import weakref
+from copy import deepcopy
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -57,14 +64,16 @@ class GPTConfig:
     mtp_train_steps: int = 5    # K recursive MTP steps trained before RL (paper: 5); drafting uses gamma <= K
 
 
-# Named presets. "tiny" is for tests, "cpu" is the default on a laptop, "gpu" is picked on CUDA.
+# Named presets. "tiny" is for tests, "cpu" is the default on a laptop, "gpu" is picked on CUDA. Both real
+# presets are deep and narrow, like the paper's models (dozens of layers, one MTP layer): a draft step
+# costs one block and a verify n_layer blocks, which is what makes drafting cheap next to verifying.
 PRESETS = {
     "tiny": dict(model=dict(n_layer=2, n_head=2, n_embd=32), sft_steps=300, mtp_steps=50, rl_steps=20,
                  batch_size=32, rl_prompts=8, group_size=8, rl_lr=3e-4),
     "cpu": dict(model=dict(n_layer=6, n_head=4, n_embd=96), sft_steps=1000, mtp_steps=400, rl_steps=100,
                 batch_size=64, rl_prompts=8, group_size=16, rl_lr=2e-4),
-    "gpu": dict(model=dict(n_layer=8, n_head=8, n_embd=512), sft_steps=3000, mtp_steps=1000, rl_steps=200,
-                batch_size=128, rl_prompts=32, group_size=16, rl_lr=1e-4),
+    "gpu": dict(model=dict(n_layer=24, n_head=8, n_embd=512), sft_steps=3000, mtp_steps=1000, rl_steps=200,
+                batch_size=128, rl_prompts=32, group_size=16, sft_lr=1e-3, mtp_lr=1e-3, rl_lr=1e-4),
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -78,7 +87,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        # In float32 whatever the input (bf16 activations, bf16 rollout weights); a no-op in fp32 runs.
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
 
 
 def rope_tables(head_dim: int, n_pos: int, base: float):
@@ -284,6 +294,9 @@ class Caches:
         self.backbone = [KVCache(B, cfg.n_head, S, hs, p.device, p.dtype) for _ in range(cfg.n_layer)]
         self.mtp = KVCache(B, cfg.n_head, S, hs, p.device, p.dtype)
 
+    def all(self):
+        return self.backbone + [self.mtp]
+
 
 def backbone_step(model: GPT, caches: Caches, tokens, pos):
     """Cached backbone forward of tokens (B, T) at positions pos (B, T): (logits, hidden)."""
@@ -444,7 +457,9 @@ def rejection_sample(target_probs, draft_probs, draft_tokens, generator=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 5. Generation
+# 5. Generation. Plain and speculative decoding have one shape: a prefill, then a step function that
+# updates a fixed set of tensors in place (no host sync, no data-dependent branch), repeated until every
+# row is done. That shape is all section 6 needs to replay a step as a CUDA graph without changing it.
 
 
 @dataclass
@@ -461,31 +476,30 @@ def prepare_prompts(model: GPT, prompt, max_new_tokens: int, lookahead: int):
     cfg = model.config
     device = next(model.parameters()).device
     if isinstance(prompt, torch.Tensor) and prompt.dim() == 2:
-        rows, ragged = list(prompt), False
+        idx, ragged = prompt.long(), False
+        lengths = torch.full((idx.size(0),), idx.size(1))
     elif isinstance(prompt, (list, tuple)) and len(prompt) > 0:
         rows, ragged = [torch.as_tensor(r, dtype=torch.long) for r in prompt], True
+        if any(r.dim() != 1 for r in rows):
+            raise ValueError("each prompt must be a 1-D sequence of token ids")
+        lengths = torch.tensor([r.numel() for r in rows])
+        idx = nn.utils.rnn.pad_sequence(rows, batch_first=True)
     else:
         raise ValueError("prompt must be a (B, T) LongTensor or a non-empty list of 1-D token tensors")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    lengths = torch.tensor([r.numel() for r in rows])
-    if lengths.min() == 0:
+    if idx.numel() == 0 or lengths.min() == 0:
         raise ValueError("empty prompt: every prompt needs at least one token")
-    if any(r.dim() != 1 for r in rows):
-        raise ValueError("each prompt must be a 1-D sequence of token ids")
-    P = int(lengths.max())
+    P = idx.size(1)
     if P > cfg.block_size:
         raise ValueError(f"prompt length {P} exceeds block_size {cfg.block_size}")
     if P + max_new_tokens + lookahead > cfg.block_size:
         raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) + lookahead ({lookahead}) = "
                          f"{P + max_new_tokens + lookahead} exceeds block_size {cfg.block_size}")
-    # Right-padding is safe: a query sees only cache entries at positions <= its own, and a row's padding
-    # lies past its prompt, where its own first generated tokens overwrite it.
-    idx = torch.zeros(len(rows), P, dtype=torch.long)
-    for b, r in enumerate(rows):
-        idx[b, :r.numel()] = r
     if idx.min() < 0 or idx.max() >= cfg.vocab_size:
         raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got range [{idx.min()}, {idx.max()}]")
+    # Right-padding is safe: a query sees only cache entries at positions <= its own, and a row's padding
+    # lies past its prompt, where its own first generated tokens overwrite it.
     return idx.to(device), lengths.to(device), ragged
 
 
@@ -504,42 +518,112 @@ def finish(idx, lengths, ragged, new_tokens, logprobs, eos, stats):
         mask = (is_eos.cumsum(1) - is_eos) == 0                  # up to and including the first EOS
         new_tokens = torch.where(mask, new_tokens, torch.full_like(new_tokens, eos))
         logprobs = torch.where(mask, logprobs, torch.zeros_like(logprobs))
-    if ragged:
-        tokens = [torch.cat([idx[b, :lengths[b]], new_tokens[b]]) for b in range(idx.size(0))]
-    else:
-        tokens = torch.cat([idx, new_tokens], dim=1)
+    tokens = torch.cat([idx, new_tokens], dim=1)
+    if ragged:   # drop each row's padding, then cut the flat result into rows
+        in_prompt = torch.arange(idx.size(1), device=idx.device) < lengths[:, None]
+        keep = torch.cat([in_prompt, torch.ones_like(mask)], dim=1)
+        tokens = list(tokens[keep].split((lengths + new_tokens.size(1)).tolist()))
     return Generation(tokens, new_tokens, logprobs, mask, stats)
 
 
+def repeat_until_done(step, done, max_steps: int):
+    """Call step() until every row of `done` (B,) is True, at most max_steps times.
+
+    Reading `done` on the host waits for the device. On CUDA the flag is copied to pinned memory behind
+    each step and read one step late, so the GPU always has the next step queued and never waits for the
+    host; a batch that has just finished then runs one idle step, which changes nothing (finished rows
+    are parked and write nothing)."""
+    if bool(done.all()):
+        return
+    if not done.is_cuda:
+        for _ in range(max_steps):
+            step()
+            if bool(done.all()):
+                return
+        return
+    flags = torch.zeros(2, dtype=torch.bool, pin_memory=True)
+    events = [torch.cuda.Event(), torch.cuda.Event()]
+    for i in range(max_steps):
+        step()
+        flags[i % 2].copy_(done.all(), non_blocking=True)
+        events[i % 2].record()
+        if i > 0:                                   # the flag of the step before this one
+            events[(i - 1) % 2].synchronize()
+            if flags[(i - 1) % 2]:
+                return
+
+
+def decoding_loop(model: GPT, key, B: int, S: int, prefill, step, generator, max_steps: int, cuda_graphs: bool):
+    """Prefill, then repeat a decoding step until every row is done; returns the final state.
+
+    prefill(caches) -> state, a SimpleNamespace of tensors; step(caches, state, generator) updates them in
+    place. With cuda_graphs the caches and state live in a StaticDecoder (section 6) kept per `key`, and
+    the step is replayed as a CUDA graph; the functions themselves are the same either way."""
+    static = static_decoder(model, key, B, S) if cuda_graphs else None
+    caches = static.caches if static else Caches(model, B, S)
+    state = prefill(caches)
+    if static:
+        state, generator = static.enter(state, generator)
+    run = functools.partial(step, caches, state, generator=generator)
+    if static:
+        run = static.graphed(run)
+    repeat_until_done(run, state.done, max_steps)
+    return state
+
+
+def plain_prefill(model: GPT, caches: Caches, idx, lengths, max_new_tokens: int, temperature: float,
+                  generator, eos):
+    """Read the prompts, sample the first new token; the state plain_step advances."""
+    B, P = idx.shape
+    rows = torch.arange(B, device=idx.device)
+    logits, _ = backbone_step(model, caches, idx, torch.arange(P, device=idx.device).expand(B, P))
+    last = logits[rows, lengths - 1]                        # each row's last prompt position
+    x = sample(probs_from_logits(last, temperature), generator)
+    width = max_new_tokens + 1                              # a spare last column takes idle steps' writes
+    tokens = torch.zeros(B, width, dtype=torch.long, device=idx.device)
+    logprobs = torch.zeros(B, width, device=idx.device)
+    tokens[:, 0], logprobs[:, 0] = x, logprobs_of(last, x, temperature)
+    done = torch.full((B,), max_new_tokens <= 1, device=idx.device)
+    if eos is not None:
+        done |= x == eos
+    return SimpleNamespace(x=x, pos=lengths.clone(), i=torch.ones((), dtype=torch.long, device=idx.device),
+                           tokens=tokens, logprobs=logprobs, done=done, forwards=torch.ones((), device=idx.device))
+
+
+def plain_step(model: GPT, caches: Caches, s, temperature: float, eos, max_new_tokens: int, generator):
+    """One token for every row: forward the last token at its row's position, sample the next."""
+    s.forwards += ~s.done.all()                             # an idle step (all rows done) is not counted
+    logits, _ = backbone_step(model, caches, s.x[:, None], s.pos[:, None])
+    logits = logits[:, 0]
+    x = sample(probs_from_logits(logits, temperature), generator)
+    col = s.i.clamp(max=max_new_tokens).view(1)             # (1,) a tensor, so a graph can replay it
+    s.tokens.index_copy_(1, col, x[:, None])
+    s.logprobs.index_copy_(1, col, logprobs_of(logits, x, temperature)[:, None])
+    s.x.copy_(x)
+    s.pos.copy_((s.pos + 1).clamp(max=caches.S - 1))
+    s.i += 1
+    s.done |= s.i >= max_new_tokens
+    if eos is not None:
+        s.done |= x == eos
+
+
 @torch.no_grad()
-def generate(model: GPT, prompt, max_new_tokens: int, *, temperature: float = 1.0, generator=None, eos=None):
-    """Plain autoregressive sampling: one backbone forward per token, batched, KV-cached."""
+def generate(model: GPT, prompt, max_new_tokens: int, *, temperature: float = 1.0, generator=None, eos=None,
+             cuda_graphs=None):
+    """Plain autoregressive sampling: one backbone forward per token, batched, KV-cached.
+    cuda_graphs: None = on for a CUDA model, True/False to force (section 6)."""
     check_sampling_args(temperature, eos, model.config.vocab_size)
     idx, lengths, ragged = prepare_prompts(model, prompt, max_new_tokens, lookahead=0)
     B, P = idx.shape
-    caches = Caches(model, B, P + max_new_tokens)
-    rows = torch.arange(B, device=idx.device)
-    logits, _ = backbone_step(model, caches, idx, torch.arange(P, device=idx.device).expand(B, P))
-    logits = logits[rows, lengths - 1]                      # each row's last prompt position
-    pos = lengths.clone()                                   # where the next token goes
-    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-    new_tokens, logprobs = [], []
-    for i in range(max_new_tokens):
-        x = sample(probs_from_logits(logits, temperature), generator)
-        new_tokens.append(x)
-        logprobs.append(logprobs_of(logits, x, temperature))
-        if eos is not None:
-            done |= x == eos
-        if i + 1 == max_new_tokens or (eos is not None and bool(done.all())):   # one host sync per token
-            break
-        logits, _ = backbone_step(model, caches, x[:, None], pos[:, None])
-        logits, pos = logits[:, 0], pos + 1
-    new_tokens, logprobs = torch.stack(new_tokens, 1), torch.stack(logprobs, 1)
-    if new_tokens.size(1) < max_new_tokens:   # every row ended early: pad (finish() masks past EOS)
-        new_tokens = F.pad(new_tokens, (0, max_new_tokens - new_tokens.size(1)), value=eos)
-        logprobs = F.pad(logprobs, (0, max_new_tokens - logprobs.size(1)))
-    stats = dict(target_forwards=i + 1, accept_length=1.0)
-    return finish(idx, lengths, ragged, new_tokens, logprobs, eos, stats)
+    key = ("plain", B, P, max_new_tokens, temperature, eos)
+    s = decoding_loop(model, key, B, P + max_new_tokens,
+               lambda caches: plain_prefill(model, caches, idx, lengths, max_new_tokens, temperature, generator, eos),
+               functools.partial(plain_step, model, temperature=temperature, eos=eos, max_new_tokens=max_new_tokens),
+               generator, max_new_tokens - 1, use_cuda_graphs(cuda_graphs, idx.device))
+    stats = dict(target_forwards=int(s.forwards), accept_length=1.0)
+    # Copies: with CUDA graphs the state is reused by the next call of this shape.
+    return finish(idx, lengths, ragged, s.tokens[:, :max_new_tokens].clone(), s.logprobs[:, :max_new_tokens].clone(),
+                  eos, stats)
 
 
 DRAFT_RULES = ("sample", "greedy")
@@ -564,93 +648,227 @@ def draft_tokens(model: GPT, caches: Caches, g1, L, gamma: int, temperature: flo
     return torch.stack(logits, 1), torch.stack(qs, 1), torch.stack(ds, 1)
 
 
-@torch.no_grad()
-def speculative_generate(model: GPT, prompt, max_new_tokens: int, *, gamma: int = 3, temperature: float = 1.0,
-                         draft: str = "sample", generator=None, eos=None, trace=None):
-    """MTP speculative decoding with exact verification, batched, rows advancing at their own pace.
-
-    A round (DESIGN.md): the MTP layer drafts d_1..d_gamma; the backbone verifies [x_L, d_1..d_gamma]
-    at positions L..L+gamma in one forward; rejection_sample accepts n drafts and adds one token; the
-    MTP layer then reads the depth-1 inputs (h_{L+i}, emb(token i)) of the gamma+1 new anchors (entries
-    past n are garbage, later hidden and overwritten) and its output at index n is the next g^1.
-    draft="sample" is rejection sampling (RS); draft="greedy" is target-only verification (TO).
-    Pass a list as `trace` to record every round's internals (tests and the tutorial use it)."""
-    if draft not in DRAFT_RULES:
-        raise ValueError(f"unknown draft rule {draft!r}; choose one of {DRAFT_RULES}")
-    if not isinstance(gamma, int) or gamma < 1:
-        raise ValueError(f"gamma must be an integer >= 1, got {gamma}")
-    check_sampling_args(temperature, eos, model.config.vocab_size)
-    idx, lengths, ragged = prepare_prompts(model, prompt, max_new_tokens, lookahead=gamma)
+def speculative_prefill(model: GPT, caches: Caches, idx, lengths, max_new_tokens: int, gamma: int,
+                        temperature: float, generator, eos):
+    """The backbone reads the prompts and samples x_L; the MTP layer reads the depth-1 inputs
+    (h_s, emb(x_{s+1})) of every prompt anchor, giving the first g^1. Returns the round state."""
     B, P = idx.shape
     dev = idx.device
-    S = P + max_new_tokens + gamma
-    caches = Caches(model, B, S)
-    rows, ahead = torch.arange(B, device=dev), torch.arange(gamma + 1, device=dev)
-
-    # Prefill: the backbone reads the prompt and samples the first new token x_L, L = prompt length.
+    rows = torch.arange(B, device=dev)
     pos = torch.arange(P, device=dev).expand(B, P)
     logits, h = backbone_step(model, caches, idx, pos)
     last = logits[rows, lengths - 1]
     x = sample(probs_from_logits(last, temperature), generator)
-    # The MTP layer reads the depth-1 inputs (h_s, emb(x_{s+1})) of every prompt anchor.
     nxt = F.pad(idx[:, 1:], (0, 1))
     nxt[rows, lengths - 1] = x
     g1 = mtp_step(model, caches, h, nxt, pos)[rows, lengths - 1]
-
     width = max_new_tokens + gamma + 1   # a round may write gamma+1 tokens past the last needed one
-    out_tokens = torch.zeros(B, width, dtype=torch.long, device=dev)
-    out_logprobs = torch.zeros(B, width, device=dev)
-    out_tokens[:, 0], out_logprobs[:, 0] = x, logprobs_of(last, x, temperature)
+    tokens = torch.zeros(B, width, dtype=torch.long, device=dev)
+    logprobs = torch.zeros(B, width, device=dev)
+    tokens[:, 0], logprobs[:, 0] = x, logprobs_of(last, x, temperature)
     count = torch.ones(B, dtype=torch.long, device=dev)     # tokens emitted so far per row
-    L = lengths.clone()                                     # position of x_L, not yet in the backbone
-    L_max = S - gamma - 1                                   # finished rows idle here, inside the cache
     done = count >= max_new_tokens
     if eos is not None:
         done |= x == eos
-    reached = torch.zeros(gamma, device=dev)
-    accepted = torch.zeros(gamma, device=dev)
-    emitted, row_rounds, rounds = torch.zeros((), device=dev), torch.zeros((), device=dev), 0
+    return SimpleNamespace(x=x, g1=g1, L=lengths.clone(), count=count, done=done, tokens=tokens, logprobs=logprobs,
+                           histogram=torch.zeros(gamma + 1, dtype=torch.long, device=dev),
+                           rounds=torch.zeros((), dtype=torch.long, device=dev))
 
-    while not bool(done.all()):
-        active = ~done
-        draft_logits, q, d = draft_tokens(model, caches, g1, L, gamma, temperature, draft == "greedy", generator)
-        vpos = L[:, None] + ahead                                            # (B, gamma+1)
-        target_logits, h = backbone_step(model, caches, torch.cat([x[:, None], d], 1), vpos)
-        # One log-softmax serves both the sampler's p and the log-probs GRPO needs.
-        target_logp = F.log_softmax(target_logits.float() / (temperature or 1.0), dim=-1)
-        p = target_logp.exp() if temperature > 0 else probs_from_logits(target_logits, 0)
-        n, tokens = rejection_sample(p, q, d, generator)
-        g1 = mtp_step(model, caches, h, tokens, vpos)[rows, n]              # next round's g^1
-        if trace is not None:
-            trace.append(dict(L=L.clone(), n=n, tokens=tokens, drafts=d, draft_logits=draft_logits, draft_probs=q,
-                              target_logits=target_logits, active=active))
-        # Emit, advance each active row by its own n+1, keep finished rows parked.
-        lp = target_logp.gather(-1, tokens[..., None]).squeeze(-1)
-        write = torch.where(active[:, None], count[:, None] + ahead, width - 1)
-        valid = active[:, None] & (ahead[None, :] <= n[:, None])
-        out_tokens.scatter_(1, write, torch.where(valid, tokens, out_tokens.gather(1, write)))
-        out_logprobs.scatter_(1, write, torch.where(valid, lp, out_logprobs.gather(1, write)))
-        count = count + torch.where(active, n + 1, 0)
-        L = torch.where(active, torch.clamp(L + n + 1, max=L_max), L)
-        x = torch.where(active, tokens[rows, n], x)
-        # Acceptance per draft step, conditional on reaching it (drafts 1..j-1 accepted).
-        reached += (active[:, None] & (n[:, None] >= ahead[None, :gamma])).sum(0)
-        accepted += (active[:, None] & (n[:, None] >= ahead[None, 1:])).sum(0)
-        emitted += ((n + 1) * active).sum()
-        row_rounds += active.sum()
-        rounds += 1
-        done = done | (count >= max_new_tokens)
-        if eos is not None:
-            done |= (valid & (tokens == eos)).any(1)
 
-    stats = dict(acceptance=(accepted / reached.clamp(min=1)).tolist(),
-                 accept_length=float(emitted / row_rounds.clamp(min=1)),
-                 target_forwards=rounds + 1, rounds=rounds, drafts_reached=reached.tolist())
-    return finish(idx, lengths, ragged, out_tokens[:, :max_new_tokens], out_logprobs[:, :max_new_tokens], eos, stats)
+def speculative_round(model: GPT, caches: Caches, s, gamma: int, temperature: float, greedy: bool, eos,
+                      max_new_tokens: int, generator, trace=None):
+    """One round for every row: draft gamma tokens, verify them in one backbone forward, accept n of them
+    plus one more token, and advance each active row by its own n+1. Updates the state s in place.
+
+    x is x_L, the last emitted token, not yet in the backbone's cache; L is its position."""
+    B = s.x.size(0)
+    rows, ahead = torch.arange(B, device=s.x.device), torch.arange(gamma + 1, device=s.x.device)
+    active = ~s.done
+    draft_logits, q, d = draft_tokens(model, caches, s.g1, s.L, gamma, temperature, greedy, generator)
+    vpos = s.L[:, None] + ahead                                              # (B, gamma+1)
+    target_logits, h = backbone_step(model, caches, torch.cat([s.x[:, None], d], 1), vpos)
+    # One log-softmax serves both the sampler's p and the log-probs GRPO needs (float32 sampling math).
+    target_logp = F.log_softmax(target_logits.float() / (temperature or 1.0), dim=-1)
+    p = target_logp.exp() if temperature > 0 else probs_from_logits(target_logits, 0)
+    n, tokens = rejection_sample(p, q, d, generator)
+    # The MTP layer reads the depth-1 inputs of the gamma+1 new anchors (entries past n are garbage,
+    # later hidden and overwritten); its output at index n is the next round's g^1.
+    s.g1.copy_(mtp_step(model, caches, h, tokens, vpos)[rows, n])
+    if trace is not None:
+        trace.append(dict(L=s.L.clone(), n=n, tokens=tokens, drafts=d, draft_logits=draft_logits, draft_probs=q,
+                          target_logits=target_logits, active=active))
+    # Emit; finished rows write nothing (their writes go to the spare last column, unchanged).
+    lp = target_logp.gather(-1, tokens[..., None]).squeeze(-1)
+    width = s.tokens.size(1)
+    write = torch.where(active[:, None], s.count[:, None] + ahead, width - 1)
+    valid = active[:, None] & (ahead[None, :] <= n[:, None])
+    s.tokens.scatter_(1, write, torch.where(valid, tokens, s.tokens.gather(1, write)))
+    s.logprobs.scatter_(1, write, torch.where(valid, lp, s.logprobs.gather(1, write)))
+    # Advance each active row by its own n+1 (rolling back the rest); finished rows stay parked inside
+    # the cache, so an idle round never writes out of bounds.
+    s.count += torch.where(active, n + 1, 0)
+    s.L.copy_(torch.where(active, torch.clamp(s.L + n + 1, max=caches.S - gamma - 1), s.L))
+    s.x.copy_(torch.where(active, tokens[rows, n], s.x))
+    # Every acceptance statistic follows from how many active rows accepted exactly i drafts (i = 0..gamma).
+    s.histogram += ((n[:, None] == ahead) & active[:, None]).sum(0)
+    s.rounds += active.any()
+    s.done |= s.count >= max_new_tokens
+    if eos is not None:
+        s.done |= (valid & (tokens == eos)).any(1)
+
+
+def acceptance_stats(histogram):
+    """From histogram[i] = row-rounds that accepted exactly i drafts: per draft step j the acceptance
+    alpha_j, conditional on reaching it (draft j is reached when n >= j-1, accepted when n >= j), the
+    mean tokens per row-round (accepted drafts + 1), and how often each draft step was reached."""
+    at_least = list(itertools.accumulate(reversed(histogram)))[::-1]   # row-rounds with n >= i
+    reached, accepted = at_least[:-1], at_least[1:]
+    emitted = sum((i + 1) * h for i, h in enumerate(histogram))
+    return dict(acceptance=[a / max(r, 1) for a, r in zip(accepted, reached)],
+                accept_length=emitted / max(at_least[0], 1), drafts_reached=reached, accept_histogram=histogram)
+
+
+@torch.no_grad()
+def speculative_generate(model: GPT, prompt, max_new_tokens: int, *, gamma: int = 3, temperature: float = 1.0,
+                         draft: str = "sample", generator=None, eos=None, trace=None, cuda_graphs=None):
+    """MTP speculative decoding with exact verification, batched, rows advancing at their own pace.
+
+    A round (DESIGN.md): the MTP layer drafts d_1..d_gamma; the backbone verifies [x_L, d_1..d_gamma]
+    at positions L..L+gamma in one forward; rejection_sample accepts n drafts and adds one token.
+    draft="sample" is rejection sampling (RS); draft="greedy" is target-only verification (TO).
+    Pass a list as `trace` to record every round's internals (tests and the tutorial use it; eager only).
+    cuda_graphs: None = on for a CUDA model without a trace, True/False to force (section 6)."""
+    if draft not in DRAFT_RULES:
+        raise ValueError(f"unknown draft rule {draft!r}; choose one of {DRAFT_RULES}")
+    if not isinstance(gamma, int) or gamma < 1:
+        raise ValueError(f"gamma must be an integer >= 1, got {gamma}")
+    if trace is not None and cuda_graphs:
+        raise ValueError("trace records every round eagerly: pass cuda_graphs=False (or None) with it")
+    check_sampling_args(temperature, eos, model.config.vocab_size)
+    idx, lengths, ragged = prepare_prompts(model, prompt, max_new_tokens, lookahead=gamma)
+    B, P = idx.shape
+    key = ("speculative", B, P, max_new_tokens, gamma, temperature, draft, eos)
+    s = decoding_loop(model, key, B, P + max_new_tokens + gamma,
+               lambda caches: speculative_prefill(model, caches, idx, lengths, max_new_tokens, gamma, temperature,
+                                                  generator, eos),
+               functools.partial(speculative_round, model, gamma=gamma, temperature=temperature,
+                                 greedy=draft == "greedy", eos=eos, max_new_tokens=max_new_tokens, trace=trace),
+               generator, max_new_tokens - 1, trace is None and use_cuda_graphs(cuda_graphs, idx.device))
+    stats = acceptance_stats(s.histogram.tolist())
+    stats.update(target_forwards=int(s.rounds) + 1, rounds=int(s.rounds))
+    # Copies: with CUDA graphs the state is reused by the next call of this shape.
+    return finish(idx, lengths, ragged, s.tokens[:, :max_new_tokens].clone(), s.logprobs[:, :max_new_tokens].clone(),
+                  eos, stats)
 
 
 # ---------------------------------------------------------------------------------------------------
-# 6. Toy task: "write N digits that sum to S", in a house style.
+# 6. CUDA graphs. A decoding step launches hundreds of small kernels; at small batch the GPU waits on
+# the CPU launching them. Capturing the whole step once and replaying it turns that into one launch.
+# This section is applied from outside the algorithm: decoding_loop() hands the same step functions to a
+# StaticDecoder, which keeps their caches and state at fixed addresses between calls (one per batch
+# shape, "KV caches allocated once") and replays the captured step. Sampling stays exact: the random
+# numbers come from a generator registered with the graph, so every replay draws fresh ones.
+
+
+def cuda_graphs_supported(device) -> bool:
+    return torch.device(device).type == "cuda" and hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+
+
+def use_cuda_graphs(requested, device) -> bool:
+    """None: graphs where they work (CUDA); True: insist (a clear error where they cannot); False: eager."""
+    if requested is None:
+        return cuda_graphs_supported(device)
+    if requested and not cuda_graphs_supported(device):
+        raise ValueError(f"cuda_graphs=True needs a model on a CUDA device and torch >= 2.5 "
+                         f"(CUDAGraph.register_generator_state); this model is on {device}, torch {torch.__version__}")
+    return bool(requested)
+
+
+def warm_up(step, tensors, generator, times: int = 2):
+    """Run step() a few times (lazy initialisation such as cuBLAS workspaces must happen before capture),
+    then put every tensor and the generator back as they were, so the warm-up leaves no trace."""
+    saved, rng = [t.clone() for t in tensors], generator.get_state()
+    on_cuda = tensors[0].is_cuda
+    side = torch.cuda.Stream() if on_cuda else None
+    if on_cuda:
+        side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side) if on_cuda else contextlib.nullcontext():
+        for _ in range(times):
+            step()
+    if on_cuda:
+        torch.cuda.current_stream().wait_stream(side)
+    for t, v in zip(tensors, saved):
+        t.copy_(v)
+    generator.set_state(rng)
+
+
+def capture_cuda_graph(step, tensors, generator):
+    """Record step() as one CUDA graph and return its replay. step must update `tensors` in place (the
+    graph writes to those addresses only), never sync with the host and draw random numbers only from
+    `generator`. Recording runs nothing, so capturing changes no tensor."""
+    warm_up(step, tensors, generator)
+    graph = torch.cuda.CUDAGraph()
+    graph.register_generator_state(generator)   # the supported way to use a non-default generator
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+class StaticDecoder:
+    """The caches, state and generator of one decoding shape, at addresses fixed across calls, and the
+    graph captured over them."""
+
+    def __init__(self, model: GPT, B: int, S: int):
+        self.caches = Caches(model, B, S)
+        self.state = None
+        self.generator = torch.Generator(next(model.parameters()).device)
+        self.replay = None
+
+    def tensors(self):
+        return list(vars(self.state).values()) + [t for c in self.caches.all() for t in (c.k, c.v)]
+
+    def enter(self, state, generator):
+        """Adopt a freshly prefilled state (copied into the static one after the first call); reseed the
+        graph's own generator from the caller's, so the caller's generator still decides the samples."""
+        if self.state is None:
+            self.state = state
+        else:
+            for name, value in vars(state).items():
+                getattr(self.state, name).copy_(value)
+        seed = torch.randint(2**62, (), device=generator.device if generator else "cpu", generator=generator)
+        self.generator.manual_seed(int(seed))
+        return self.state, self.generator
+
+    def graphed(self, step):
+        """The replay of step, captured on first use. A step that rebinds a state field instead of
+        updating it in place would be silently wrong in a graph: refuse it here."""
+        if self.replay is None:
+            fields = dict(vars(self.state))
+            self.replay = capture_cuda_graph(step, self.tensors(), self.generator)
+            rebound = [name for name, t in vars(self.state).items() if t is not fields[name]]
+            if rebound:
+                raise RuntimeError(f"a graphed step must update its state in place; it rebound {rebound}")
+        return self.replay
+
+
+# Static decoders live as long as their model (weakly keyed) and are dropped when its weights move.
+STATIC_DECODERS = weakref.WeakKeyDictionary()
+
+
+def static_decoder(model: GPT, key, B: int, S: int) -> StaticDecoder:
+    """The StaticDecoder of `model` for this decoding shape, made on first use."""
+    where = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+    entry = STATIC_DECODERS.get(model)
+    if entry is None or entry["where"] != where:
+        entry = STATIC_DECODERS[model] = dict(where=where, decoders={})
+    key = key + (S, next(model.parameters()).dtype)
+    if key not in entry["decoders"]:
+        entry["decoders"][key] = StaticDecoder(model, B, S)
+    return entry["decoders"][key]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Toy task: "write N digits that sum to S", in a house style.
 #
 # Why this task: the reward is verifiable and exact; every prompt has many correct answers, so the
 # policy keeps real entropy; answers are 16-32 digits plus an end mark, so rollouts dominate a step;
@@ -759,7 +977,7 @@ def mtp_chain_targets(seq, lengths, target_logits, draft_logits):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 7. Training: SFT of the backbone, pre-RL MTP training (backbone frozen), GRPO with speculative rollouts.
+# 8. Training: SFT of the backbone, pre-RL MTP training (backbone frozen), GRPO with speculative rollouts.
 
 
 def lr_at(step: int, total: int, base: float, warmup: int):
@@ -814,6 +1032,41 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2, kl_coef: 
     return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
+def graph_mode(tc: "TrainConfig"):
+    """The generators' cuda_graphs argument: None uses graphs where they work, False never."""
+    return None if tc.cuda_graphs else False
+
+
+def autocast(tc: "TrainConfig", device):
+    """bf16 autocast around the training forwards (weights, optimizer and loss math stay float32)."""
+    if tc.precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def rollout_weights(model: GPT, precision: str) -> GPT:
+    """The model that rollouts run on: `model` itself in fp32; in bf16 a copy with bf16 parameters (the
+    rotary tables stay float32), refreshed in place before every rollout, the way an RL system syncs the
+    trainer's weights into its inference engine. Not autocast: that re-casts every float32 weight on every
+    forward (a CUDA graph cannot keep autocast's cast cache), while bf16 weights read half the bytes."""
+    if precision == "fp32":
+        return model
+    copy = deepcopy(model).eval()
+    for p in copy.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+        p.data = p.data.to(torch.bfloat16)
+    return copy
+
+
+@torch.no_grad()
+def refresh_rollout_weights(rollout_model: GPT, model: GPT):
+    """Copy the trainer's weights into the rollout copy in place (addresses fixed: graphs stay valid)."""
+    if rollout_model is not model:
+        for dst, src in zip(rollout_model.parameters(), model.parameters()):
+            dst.copy_(src)
+
+
 def policy_logprobs(model: GPT, tokens, prompt_len: int):
     """Trainer-side log p and entropy of every generated token: (logp (B, T_new), entropy (B, T_new))."""
     logits = model(tokens[:, :-1])[:, prompt_len - 1:].float()
@@ -850,6 +1103,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_prompts: int = 256      # held-out prompts, fixed by task_seed
     ckpt_every: int = 50
+    precision: str = "fp32"      # "bf16" (default on CUDA): autocast in training, bf16 weights for rollouts
+    cuda_graphs: bool = True     # replay the decoding step as a CUDA graph where that works (CUDA)
 
 
 def build_config(train: TrainConfig, task: "DigitSumTask") -> GPTConfig:
@@ -1045,37 +1300,44 @@ def is_main_thread():
 
 
 @torch.no_grad()
-def evaluate(model: GPT, task: DigitSumTask, prompts, seed: int, gamma: int):
+def evaluate(model: GPT, task: DigitSumTask, prompts, seed: int, gamma: int, cuda_graphs=None):
     """Mean reward and exact accuracy on a fixed prompt set, sampling at temperature 1 (the policy)."""
     idx, S, N = prompts
     was_training = model.training
     model.eval()
     gen = torch.Generator(idx.device).manual_seed(seed)
-    roll = speculative_generate(model, idx, task.max_new_tokens, gamma=gamma, generator=gen, eos=EOS)
+    roll = speculative_generate(model, idx, task.max_new_tokens, gamma=gamma, generator=gen, eos=EOS,
+                                cuda_graphs=cuda_graphs)
     model.train(was_training)
     r, acc = task.reward(roll.new_tokens, S, N)
     return r.mean().item(), acc.float().mean().item()
 
 
 @torch.no_grad()
-def time_rollouts(model: GPT, idx, max_new_tokens: int, gamma: int, eos=None, seed: int = 0, repeats: int = 3):
+def time_rollouts(model: GPT, idx, max_new_tokens: int, gamma: int, eos=None, seed: int = 0, repeats: int = 3,
+                  cuda_graphs=None):
     """Tokens/s of plain and speculative decoding on the same model and batch, measured alternately over
     `repeats` seeds so machine noise hits both alike. Returns (plain, speculative, accept length)."""
     model.eval()
     sync = torch.cuda.synchronize if idx.is_cuda else (lambda: None)
+    run = dict(ar=lambda gen: generate(model, idx, max_new_tokens, generator=gen, eos=eos, cuda_graphs=cuda_graphs),
+               spec=lambda gen: speculative_generate(model, idx, max_new_tokens, gamma=gamma, generator=gen, eos=eos,
+                                                     cuda_graphs=cuda_graphs))
+    if idx.is_cuda:   # not timed: kernel selection, and the one-off capture of each graph
+        for mode in run:
+            run[mode](torch.Generator(idx.device).manual_seed(seed))
     tokens, seconds = {"ar": 0, "spec": 0}, {"ar": 0.0, "spec": 0.0}
     for r in range(repeats):
         for mode in ("ar", "spec"):
             gen = torch.Generator(idx.device).manual_seed(seed + r)   # same seeds for both modes
             sync()
             t0 = time.perf_counter()
-            if mode == "ar":
-                out = generate(model, idx, max_new_tokens, generator=gen, eos=eos)
-            else:
-                out = spec = speculative_generate(model, idx, max_new_tokens, gamma=gamma, generator=gen, eos=eos)
+            out = run[mode](gen)
             sync()
             seconds[mode] += time.perf_counter() - t0
             tokens[mode] += out.mask.sum().item()
+            if mode == "spec":
+                spec = out
     best = {mode: tokens[mode] / seconds[mode] for mode in tokens}
     return best["ar"], best["spec"], spec.stats["accept_length"]
 
@@ -1099,7 +1361,8 @@ def train_sft(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc.sft_steps, tc.sft_lr, warmup=min(100, tc.sft_steps // 10 + 1))
         seq, lengths = task.sft_batch(tc.batch_size // world.world_size, gen_data)   # this rank's share
-        loss = sft_loss(model, seq.to(device), lengths.to(device))
+        with autocast(tc, device):
+            loss = sft_loss(model, seq.to(device), lengths.to(device))
         optimizer_step(loss, opt, params, world, tc.grad_clip)
         return dict(loss=all_reduce([loss.item()], world)[0])
 
@@ -1124,7 +1387,8 @@ def train_mtp(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
             group["lr"] = lr_at(step, tc.mtp_steps, tc.mtp_lr, warmup=min(50, tc.mtp_steps // 10 + 1))
         kind = "ce" if step < warmup_steps else tc.mtp_loss
         seq, lengths = task.sft_batch(tc.batch_size // world.world_size, gen_data)
-        loss = mtp_training_loss(model, kind, seq.to(device), lengths.to(device), K)
+        with autocast(tc, device):
+            loss = mtp_training_loss(model, kind, seq.to(device), lengths.to(device), K)
         optimizer_step(loss, opt, params, world, tc.grad_clip)
         return dict(loss=all_reduce([loss.item()], world)[0], objective=kind)
 
@@ -1135,10 +1399,11 @@ def train_mtp(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
 def rollout(model: GPT, tc: TrainConfig, idx, max_new_tokens: int, generator):
     """The policy's samples for RL: MTP speculative decoding (exact, so on-policy) or plain decoding."""
     model.eval()
+    graphs = graph_mode(tc)
     if tc.rollout == "spec":
         return speculative_generate(model, idx, max_new_tokens, gamma=tc.gamma, draft=tc.draft,
-                                    generator=generator, eos=EOS)
-    return generate(model, idx, max_new_tokens, generator=generator, eos=EOS)
+                                    generator=generator, eos=EOS, cuda_graphs=graphs)
+    return generate(model, idx, max_new_tokens, generator=generator, eos=EOS, cuda_graphs=graphs)
 
 
 def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, device, extra):
@@ -1148,6 +1413,7 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
     opt = torch.optim.AdamW(params, lr=tc.rl_lr, betas=(0.9, 0.95), weight_decay=0.0)
     mtp_params = list(model.mtp.parameters())
     mtp_opt = torch.optim.AdamW(mtp_params, lr=tc.mtp_online_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    policy = rollout_weights(model, tc.precision)   # what rollouts run on (model itself in fp32)
     ref = None
     if tc.kl_coef > 0:
         ref = GPT(model.config).to(device)
@@ -1157,36 +1423,42 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
     def step_fn(step):
         # This rank's prompts; every group of G samples of one prompt stays on one rank, so advantages
         # need no communication.
+        t_step = time.perf_counter()
         idx, S, N = task.prompts(tc.rl_prompts // world.world_size, gen_data)
         idx, S, N = (x.repeat_interleave(G, 0).to(device) for x in (idx, S, N))
         t0 = time.perf_counter()
-        roll = rollout(model, tc, idx, task.max_new_tokens, gen_roll)
+        refresh_rollout_weights(policy, model)
+        roll = rollout(policy, tc, idx, task.max_new_tokens, gen_roll)
         rollout_s = time.perf_counter() - t0
         rewards, correct = task.reward(roll.new_tokens, S, N)
         advantages = group_advantages(rewards, G)
 
         model.train()
-        logp, entropy = policy_logprobs(model, roll.tokens, PROMPT_LEN)
-        ref_logp = policy_logprobs(ref, roll.tokens, PROMPT_LEN)[0].detach() if ref is not None else None
+        with autocast(tc, device):
+            logp, entropy = policy_logprobs(model, roll.tokens, PROMPT_LEN)
+            ref_logp = policy_logprobs(ref, roll.tokens, PROMPT_LEN)[0].detach() if ref is not None else None
         loss = grpo_loss(logp, roll.logprobs, advantages, roll.mask, tc.clip_eps, tc.kl_coef, ref_logp)
         optimizer_step(loss, opt, params, world, tc.grad_clip)
         if tc.mtp_online != "none":  # paper 5.3: own optimizer, learning rate and clipping
             lengths = PROMPT_LEN + roll.mask.sum(1)
-            mtp_l = mtp_training_loss(model, tc.mtp_online, roll.tokens, lengths, model.config.mtp_train_steps)
+            with autocast(tc, device):
+                mtp_l = mtp_training_loss(model, tc.mtp_online, roll.tokens, lengths, model.config.mtp_train_steps)
             optimizer_step(mtp_l, mtp_opt, mtp_params, world, tc.grad_clip)
 
         # Log what a user watches, reduced over ranks: means of per-rank means (equal batch sizes), sums
         # for throughput and draft counts, acceptance recomputed from the pooled counts.
         mask = roll.mask.float()
-        means = all_reduce([loss.item(), rewards.mean().item(), correct.float().mean().item(),
+        loss_value = loss.item()                   # waits for the update: the step ends here
+        step_s = time.perf_counter() - t_step
+        means = all_reduce([loss_value, rewards.mean().item(), correct.float().mean().item(),
                             ((entropy.detach() * mask).sum() / mask.sum()).item(), roll.stats["accept_length"],
-                            rollout_s], world)
+                            rollout_s, step_s], world)
         gamma = tc.gamma if tc.rollout == "spec" else 0
         reached = roll.stats.get("drafts_reached", [])
         accepted = [a * r for a, r in zip(roll.stats.get("acceptance", []), reached)]
         sums = all_reduce([mask.sum().item() / rollout_s] + reached + accepted, world, op="sum")
         metrics = dict(loss=means[0], reward=means[1], accuracy=means[2], entropy=means[3], accept_length=means[4],
-                       rollout_s=means[5], tokens_per_s=sums[0], drafts_reached=sums[1:1 + gamma],
+                       rollout_s=means[5], step_s=means[6], tokens_per_s=sums[0], drafts_reached=sums[1:1 + gamma],
                        acceptance=[a / max(r, 1) for a, r in zip(sums[1 + gamma:], sums[1:1 + gamma])] or None)
         extra["recent"] = (extra.get("recent", []) + [metrics])[-10:]
         return metrics
@@ -1210,7 +1482,7 @@ def recent_acceptance(recent):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 8. Experiments: the paper's findings at toy scale. `python bebop.py --experiment NAME` (or `all`).
+# 9. Experiments: the paper's findings at toy scale. `python bebop.py --experiment NAME` (or `all`).
 # All start from one SFT checkpoint (out/sft.pt, trained once and reused); MTP heads and RL runs are
 # cached in out/exp_*/ so an interrupted sweep resumes. Results go to out/experiments.json.
 
@@ -1427,40 +1699,82 @@ def run_experiments(args):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 9. Benchmark: `python bebop.py --bench`. Speculative against plain decoding on one trained model,
+# 10. Benchmark: `python bebop.py --bench`. Speculative against plain decoding on one trained model,
 # measured side by side, with the cost of each piece of a speculative step; a GRPO step with each kind of
 # rollout; and the memory-lean TV loss against plain autograd at a 32k vocabulary.
 
 
-def timed(fn, repeats: int, device):
-    """Mean seconds of fn() over `repeats` calls after one warm-up call."""
+def timed(fn, repeats: int, device, blocks: int = 5):
+    """Seconds per fn() call after one warm-up call: the best of `blocks` means over `repeats` calls
+    (interference from other work on a shared machine only ever adds time)."""
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / repeats
+    best = float("inf")
+    for _ in range(blocks):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t0) / repeats)
+    return best
 
 
 @torch.no_grad()
-def step_costs(model: GPT, B: int, gamma: int, device, repeats: int = 20):
-    """Seconds of one plain decode step, one verify forward (gamma+1 tokens), one MTP draft step."""
-    cfg = model.config
-    caches = Caches(model, B, cfg.block_size)
-    P = cfg.block_size // 2
-    tok = torch.randint(0, cfg.vocab_size, (B, gamma + 1), device=device)
-    backbone_step(model, caches, torch.randint(0, cfg.vocab_size, (B, P), device=device),
-                  torch.arange(P, device=device).expand(B, P))
-    pos = torch.full((B, 1), P, device=device)
-    g = torch.zeros(B, 1, cfg.n_embd, device=device)
-    def draft_step():
-        h = mtp_step(model, caches, g, tok[:, :1], pos)
-        sample(probs_from_logits(model.mtp_head(h[:, 0]), 1.0))
-    return dict(t_plain=timed(lambda: sample(probs_from_logits(backbone_step(model, caches, tok[:, :1], pos)[0][:, 0], 1.0)), repeats, device),
-                t_verify=timed(lambda: backbone_step(model, caches, tok, pos + torch.arange(gamma + 1, device=device)), repeats, device),
-                t_draft=timed(draft_step, repeats, device))
+def step_costs(model: GPT, B: int, gamma: int, device, cuda_graphs: bool, repeats: int = 20):
+    """Seconds of one plain decode step (forward, sampling, bookkeeping), one verify forward of gamma+1
+    tokens alone, one MTP draft step (MTP block, head, sampling) and one whole speculative round (drafts,
+    verify, rejection sampling, MTP update, bookkeeping), each called eagerly or replayed as a CUDA graph;
+    and what one eager plain step and one eager round launch (count_launches). A step costs the same
+    whether its rows are still running or parked, so rows may finish while it is timed."""
+    cfg, P = model.config, PROMPT_LEN
+    gen = torch.Generator(device).manual_seed(0)
+    idx = torch.randint(0, cfg.vocab_size, (B, P), device=device, generator=gen)
+    lengths, max_new = torch.full((B,), P, device=device), cfg.block_size - P - gamma
+    plain_caches, caches = Caches(model, B, cfg.block_size), Caches(model, B, cfg.block_size)
+    plain = plain_prefill(model, plain_caches, idx, lengths, max_new, 1.0, gen, None)
+    spec = speculative_prefill(model, caches, idx, lengths, max_new, gamma, 1.0, gen, None)
+    tok = torch.randint(0, cfg.vocab_size, (B, gamma + 1), device=device, generator=gen)
+    pos = spec.L[:, None] + torch.arange(gamma + 1, device=device)
+    pieces = dict(
+        t_plain=lambda g: plain_step(model, plain_caches, plain, 1.0, None, max_new, generator=g),
+        t_verify=lambda g: backbone_step(model, caches, tok, pos),
+        t_draft=lambda g: sample(probs_from_logits(model.mtp_head(
+            mtp_step(model, caches, spec.g1[:, None], tok[:, :1], pos[:, :1])[:, 0]), 1.0), g),
+        t_spec_step=lambda g: speculative_round(model, caches, spec, gamma, 1.0, False, None, max_new, generator=g))
+    tensors = [t for s in (plain, spec) for t in vars(s).values()]
+    tensors += [t for c in plain_caches.all() + caches.all() for t in (c.k, c.v)]
+    result = {}
+    for i, (name, piece) in enumerate(pieces.items()):
+        g = torch.Generator(device).manual_seed(i)
+        fn = functools.partial(piece, g)
+        result[name] = timed(capture_cuda_graph(fn, tensors, g) if cuda_graphs else fn, repeats, device)
+        if name in ("t_plain", "t_spec_step") and not cuda_graphs:
+            result["launches_" + name[2:]] = count_launches(fn, device)
+    return result
+
+
+def count_launches(fn, device) -> int:
+    """What one call of fn issues: CUDA kernels and copies on a GPU (from the profiler), aten ops on a CPU
+    (counted at dispatch). Each costs a launch (~5 us on a GPU) or a dispatch (~5-10 us on a CPU), however
+    little work it does: this is the overhead CUDA graphs remove."""
+    if torch.device(device).type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+    with Count():
+        fn()
+    return Count.n
 
 
 def tv_memory_benchmark(device, rows: int = 1024, vocab: int = 32768):
@@ -1492,7 +1806,7 @@ def tv_memory_benchmark(device, rows: int = 1024, vocab: int = 32768):
         def step():
             y = z.clone().requires_grad_(True)
             fn(y).sum().backward()
-        result[name] = dict(seconds=timed(step, 3, device), saved_mb=sum(v for k, v in saved.items() if k not in own) / 2**20,
+        result[name] = dict(seconds=timed(step, 2, device, blocks=3), saved_mb=sum(v for k, v in saved.items() if k not in own) / 2**20,
                             peak_mb=None if peak is None else peak / 2**20)
     return result
 
@@ -1507,50 +1821,68 @@ def run_benchmark(args):
     train_sft(run, model, task, gen, device)
     train_mtp(run, model, task, gen, device)
     model.eval()
+    policy = rollout_weights(model, tc.precision)
     held_out = held_out_prompts(task, tc, device)
-    batches = (1, 16, 64, 256) if str(device).startswith("cuda") else (1, 4, 16)
+    cuda = device.startswith("cuda")
+    batches = (1, 16, 64, 256) if cuda else (1, 4, 16)
+    graph_settings = ([False, True] if tc.cuda_graphs else [False]) if cuda_graphs_supported(device) else [False]
     rows = []
-    print(f"\nbench on {device}, preset {tc.preset} ({cfg.n_layer} layers + 1 MTP layer, d={cfg.n_embd}), "
-          f"gamma={tc.gamma}, temperature 1, exact sampling, CUDA graphs: not used")
-    print(f"{'batch':>5} {'plain tok/s':>11} {'spec tok/s':>10} {'speedup':>7} {'len':>5} {'t_plain':>8} "
-          f"{'t_verify':>8} {'t_draft':>8} {'t_step':>8} {'ideal':>6} {'ach/ideal':>9} {'ceiling':>7}")
+    print(f"\nbench on {device_name(device)}, preset {tc.preset} ({cfg.n_layer} layers + 1 MTP layer, d={cfg.n_embd}), "
+          f"{tc.precision}, gamma={tc.gamma}, temperature 1, exact sampling (RS)")
+    print(f"{'batch':>5} {'graphs':>6} {'plain tok/s':>11} {'spec tok/s':>10} {'speedup':>7} {'len':>5} {'t_plain':>8} "
+          f"{'t_verify':>8} {'t_draft':>8} {'t_step':>8} {'other':>5} {'ideal':>6} {'ach/ideal':>9} {'ceiling':>7}")
     for B in batches:
         idx = held_out[0][torch.arange(B, device=device) % held_out[0].size(0)]
-        plain_tps, spec_tps, accept_len = time_rollouts(model, idx, task.max_new_tokens, tc.gamma, EOS, repeats=3)
-        t0 = time.perf_counter()
-        out = speculative_generate(model, idx, task.max_new_tokens, gamma=tc.gamma,
-                                   generator=torch.Generator(device).manual_seed(0), eos=EOS)
-        t_step = (time.perf_counter() - t0) / out.stats["target_forwards"]
-        costs = step_costs(model, B, tc.gamma, device)
-        ideal = accept_len * costs["t_plain"] / (costs["t_verify"] + tc.gamma * costs["t_draft"])
-        ceiling = (tc.gamma + 1) * costs["t_plain"] / t_step
-        speedup = spec_tps / plain_tps
-        for mode, tps in (("plain", plain_tps), ("spec", spec_tps)):
-            rows.append(dict(mode=mode, cuda_graphs=False, batch=B, tokens_per_s=tps,
-                             accept_length=accept_len if mode == "spec" else 1.0, **costs, t_spec_step=t_step,
-                             speedup=speedup, ideal_speedup=ideal, achieved_over_ideal=speedup / ideal, ceiling=ceiling))
-        print(f"{B:5d} {plain_tps:11.0f} {spec_tps:10.0f} {speedup:6.2f}x {accept_len:5.2f} "
-              f"{costs['t_plain'] * 1e3:7.2f}ms {costs['t_verify'] * 1e3:7.2f}ms {costs['t_draft'] * 1e3:7.2f}ms "
-              f"{t_step * 1e3:7.2f}ms {ideal:5.2f}x {speedup / ideal:8.0%} {ceiling:6.2f}x")
+        for graphs in graph_settings:
+            plain_tps, spec_tps, accept_len = time_rollouts(policy, idx, task.max_new_tokens, tc.gamma, EOS,
+                                                            repeats=3, cuda_graphs=graphs)
+            c = step_costs(policy, B, tc.gamma, device, graphs)
+            drafting_and_verify = c["t_verify"] + tc.gamma * c["t_draft"]
+            row = dict(batch=B, cuda_graphs=graphs, **c, speedup=spec_tps / plain_tps,
+                       ideal_speedup=accept_len * c["t_plain"] / drafting_and_verify,
+                       ceiling=(tc.gamma + 1) * c["t_plain"] / c["t_spec_step"],
+                       other_share=1 - drafting_and_verify / c["t_spec_step"])  # sampling + bookkeeping
+            row["achieved_over_ideal"] = row["speedup"] / row["ideal_speedup"]
+            for mode, tps in (("plain", plain_tps), ("spec", spec_tps)):
+                rows.append(dict(mode=mode, tokens_per_s=tps, accept_length=accept_len if mode == "spec" else 1.0, **row))
+            print(f"{B:5d} {'on' if graphs else 'off':>6} {plain_tps:11.0f} {spec_tps:10.0f} {row['speedup']:6.2f}x "
+                  f"{accept_len:5.2f} {c['t_plain'] * 1e3:7.3f}ms {c['t_verify'] * 1e3:7.3f}ms {c['t_draft'] * 1e3:7.3f}ms "
+                  f"{c['t_spec_step'] * 1e3:7.3f}ms {row['other_share']:5.0%} {row['ideal_speedup']:5.2f}x "
+                  f"{row['achieved_over_ideal']:8.0%} {row['ceiling']:6.2f}x")
+    print("  t_plain: one plain step; t_verify: the verify forward alone; t_draft: one MTP draft step; t_step: one\n"
+          "  whole speculative round; other: the round's share spent outside drafting and verifying (sampling,\n"
+          "  bookkeeping); ideal = len x t_plain / (t_verify + gamma t_draft); ceiling = (gamma+1) t_plain / t_step")
+    for B in batches:
+        eager = next(r for r in rows if r["batch"] == B and not r["cuda_graphs"])
+        graphed = next((r for r in rows if r["batch"] == B and r["cuda_graphs"]), None)
+        print(f"  batch {B:3d}: one eager plain step launches {eager['launches_plain']} "
+              f"{'kernels' if cuda else 'ops'}, one eager round {eager['launches_spec_step']}"
+              + (f"; CUDA graphs make the round {eager['t_spec_step'] / graphed['t_spec_step']:.1f}x faster "
+                 f"and the plain step {eager['t_plain'] / graphed['t_plain']:.1f}x" if graphed else ""))
 
     grpo = {}
     for kind in ("spec", "ar"):   # one GRPO step = rollouts + one policy update, from the same weights
         m = GPT(cfg).to(device)
         m.load_state_dict(model.state_dict())
-        tcr = TrainConfig(**{**asdict(tc), "rollout": kind, "rl_steps": 3, "ckpt_every": 10**9})
+        tcr = TrainConfig(**{**asdict(tc), "rollout": kind, "rl_steps": 4, "ckpt_every": 10**9})
         bench_run = Run(os.path.join(args.out, f"bench_grpo_{kind}"), tcr, cfg, resume=False)
-        t0 = time.perf_counter()
+        extra = {}
         train_grpo(bench_run, m, task, torch.Generator().manual_seed(0), torch.Generator(device).manual_seed(1),
-                   device, {})
-        grpo[kind] = (time.perf_counter() - t0) / 3
+                   device, extra)
+        steps = extra["recent"][1:]   # the first step also captures graphs and picks kernels: not timed
+        grpo[kind] = dict(step_s=sum(s["step_s"] for s in steps) / len(steps),
+                          rollout_s=sum(s["rollout_s"] for s in steps) / len(steps))
     tv = tv_memory_benchmark(device)
-    print(f"\nGRPO step ({tc.rl_prompts} prompts x {tc.group_size}): {grpo['spec']:.3f} s with speculative rollouts, "
-          f"{grpo['ar']:.3f} s with plain -> {grpo['ar'] / grpo['spec']:.2f}x")
+    print(f"\nGRPO step ({tc.rl_prompts} prompts x {tc.group_size}, mean of 3 after one warm-up step): "
+          f"{grpo['spec']['step_s']:.3f} s with speculative rollouts ({grpo['spec']['rollout_s']:.3f} s rollout), "
+          f"{grpo['ar']['step_s']:.3f} s with plain ({grpo['ar']['rollout_s']:.3f} s) -> "
+          f"{grpo['ar']['step_s'] / grpo['spec']['step_s']:.2f}x")
     print(f"TV loss + backward at vocab 32768, 1024 rows: plain autograd {tv['plain']['seconds'] * 1e3:.0f} ms, "
           f"keeps {tv['plain']['saved_mb']:.0f} MB for backward; memory-lean {tv['lean']['seconds'] * 1e3:.0f} ms, "
           f"keeps {tv['lean']['saved_mb']:.2f} MB"
           + (f"; peak {tv['plain']['peak_mb']:.0f} vs {tv['lean']['peak_mb']:.0f} MB" if tv["lean"]["peak_mb"] else ""))
-    result = dict(device=str(device), preset=tc.preset, rows=rows, grpo_step_seconds=grpo, tv_loss=tv)
+    result = dict(device=device_name(device), preset=tc.preset, precision=tc.precision, gamma=tc.gamma, rows=rows,
+                  grpo_step=grpo, tv_loss=tv)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(rows, f, indent=1)
     with open(os.path.join(args.out, "bench_details.json"), "w") as f:
@@ -1558,8 +1890,15 @@ def run_benchmark(args):
     return result
 
 
+def device_name(device) -> str:
+    """The card's name on CUDA (timings mean little without it), else the CPU's core count."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
 # ---------------------------------------------------------------------------------------------------
-# 10. main(): SFT -> pre-RL MTP training -> GRPO with speculative rollouts -> side-by-side timing.
+# 11. main(): SFT -> pre-RL MTP training -> GRPO with speculative rollouts -> side-by-side timing.
 
 
 def parse_args(argv=None):
@@ -1606,6 +1945,9 @@ def parse_args(argv=None):
     for name in ("sft-steps", "mtp-steps", "rl-steps", "batch-size", "rl-prompts", "eval-prompts"):
         ap.add_argument(f"--{name}", type=integer_in(1), help="override the preset")
     ap.add_argument("--group-size", type=integer_in(2), help="samples per prompt, >= 2 (override the preset)")
+    ap.add_argument("--precision", choices=["bf16", "fp32"],
+                    help="bf16: autocast in training and bf16 rollout weights (default on CUDA); fp32 (default on CPU)")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA (graphs are on by default)")
     ap.add_argument("--bench", action="store_true", help="benchmark speculative vs plain decoding (writes bench.json)")
     ap.add_argument("--experiment", choices=EXPERIMENTS + ("all",),
                     help="reproduce one of the paper's findings at toy scale instead of the default run")
@@ -1620,9 +1962,13 @@ def configure(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     world, device = setup_distributed(device)
     preset = args.preset or ("gpu" if device.startswith("cuda") else "cpu")
+    on_cuda = device.startswith("cuda")
+    if on_cuda:   # TF32 tensor cores for every float32 matmul (fp32 runs, the experiments' fp32 models)
+        torch.set_float32_matmul_precision("high")
     tc = TrainConfig(preset=preset, seed=args.seed, mtp_loss=args.mtp_loss, rollout=args.rollout, draft=args.draft,
                      gamma=args.gamma, mtp_online=args.mtp_online, kl_coef=args.kl_coef,
-                     mtp_ce_warmup=args.mtp_ce_warmup)
+                     mtp_ce_warmup=args.mtp_ce_warmup, precision=args.precision or ("bf16" if on_cuda else "fp32"),
+                     cuda_graphs=not args.no_cuda_graphs)
     for key, value in PRESETS[preset].items():
         if key != "model":
             setattr(tc, key, value)
@@ -1664,7 +2010,8 @@ def train(args):
     if ckpt is not None:
         extra.update(ckpt["extra"])
     if world.master and "reward_before" not in extra:
-        extra["reward_before"], extra["accuracy_before"] = evaluate(model, task, held_out, tc.seed, tc.gamma)
+        extra["reward_before"], extra["accuracy_before"] = evaluate(rollout_weights(model, tc.precision), task,
+                                                                    held_out, tc.seed, tc.gamma, graph_mode(tc))
     train_grpo(run, model, task, gen_data, gen_roll, device, extra)
     summary = None
     if world.master:
@@ -1678,10 +2025,12 @@ def train(args):
 
 def summarize(model, task, tc: TrainConfig, held_out, extra, t_start, out, device):
     """Evaluate after RL, time speculative against plain decoding side by side, print and save."""
-    reward_after, accuracy_after = evaluate(model, task, held_out, tc.seed, tc.gamma)
+    policy, graphs = rollout_weights(model, tc.precision), graph_mode(tc)
+    reward_after, accuracy_after = evaluate(policy, task, held_out, tc.seed, tc.gamma, graphs)
     batch = held_out[0][:tc.rl_prompts * tc.group_size]
-    ar_tps, spec_tps, _ = time_rollouts(model, batch, task.max_new_tokens, tc.gamma, EOS)
-    ar_tps1, spec_tps1, _ = time_rollouts(model, batch[:1], task.max_new_tokens, tc.gamma, EOS, repeats=10)
+    ar_tps, spec_tps, _ = time_rollouts(policy, batch, task.max_new_tokens, tc.gamma, EOS, cuda_graphs=graphs)
+    ar_tps1, spec_tps1, _ = time_rollouts(policy, batch[:1], task.max_new_tokens, tc.gamma, EOS, repeats=10,
+                                          cuda_graphs=graphs)
     recent = extra.get("recent", [])
     summary = dict(
         preset=tc.preset, device=str(device), mtp_loss=tc.mtp_loss, rollout=tc.rollout, draft=tc.draft,

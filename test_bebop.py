@@ -3,9 +3,11 @@
 Statistical tests use fixed seeds and a chi-square test whose p-value must stay above P_MIN for the
 real sampler; each family also checks that the same test rejects deliberately broken samplers
 (p-value below P_BROKEN), so a pass means something."""
+import copy
 import itertools
 import json
 import math
+import weakref
 
 import pytest
 import torch
@@ -72,10 +74,10 @@ def broken_rejection_sample(bug):
         p, q = target_probs.float(), draft_probs.float()
         p_d = p[:, :gamma].gather(-1, draft_tokens[..., None]).squeeze(-1)
         q_d = q.gather(-1, draft_tokens[..., None]).squeeze(-1)
-        u = torch.rand(B, gamma, generator=generator)
+        u = torch.rand(B, gamma, device=p.device, generator=generator)
         accepted = u * p_d < q_d if bug == "accept_q_over_p" else u * q_d < p_d
         n = accepted.long().cumprod(1).sum(1)
-        rows = torch.arange(B)
+        rows = torch.arange(B, device=p.device)
         p_n, q_n = p[rows, n], F.pad(q, (0, 0, 0, 1))[rows, n]
         if bug == "bonus_wrong_row":
             p_n = torch.where((n == gamma)[:, None], p[rows, gamma - 1], p_n)
@@ -89,6 +91,38 @@ def broken_rejection_sample(bug):
 
 
 BUGS = ("accept_q_over_p", "resample_from_p", "bonus_wrong_row")
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# Where decoding runs: eagerly; through the CUDA-graph machinery with a stand-in for the capture (any
+# machine); with real CUDA graphs (GPU only).
+WHERE = ["eager", "stand_in", pytest.param("cuda", marks=needs_cuda)]
+
+
+def stand_in_graphs(monkeypatch):
+    """CUDA graphs without a GPU: decoding goes through StaticDecoder (static caches and state reused
+    across calls, the graph's own reseeded generator, the warm-up and its restore, the rebinding check),
+    and the 'replay' runs the captured step eagerly. Only the capture itself is not exercised."""
+    captures = []
+
+    def capture(step, tensors, generator):
+        bebop.warm_up(step, tensors, generator)
+        captures.append(step)
+        return step
+    monkeypatch.setattr(bebop, "cuda_graphs_supported", lambda device: True)
+    monkeypatch.setattr(bebop, "capture_cuda_graph", capture)
+    monkeypatch.setattr(bebop, "STATIC_DECODERS", weakref.WeakKeyDictionary())
+    return captures
+
+
+def decoding_on(where, model, monkeypatch):
+    """(model, cuda_graphs argument) for decoding eagerly, through the stand-in, or with real CUDA graphs."""
+    if where == "stand_in":
+        stand_in_graphs(monkeypatch)
+        return model, True
+    if where == "cuda":
+        monkeypatch.setattr(bebop, "STATIC_DECODERS", weakref.WeakKeyDictionary())
+        return copy.deepcopy(model).cuda(), True
+    return model, False
 
 # ----------------------------------------------------------------------------- rejection_sample
 
@@ -162,39 +196,45 @@ def test_rejection_sample_shapes_and_no_python_loop_over_rows():
 # ----------------------------------------------------------------------------- generation: exactness
 
 
+@pytest.mark.parametrize("where", WHERE)
 @pytest.mark.parametrize("gamma,draft,temperature", [(2, "sample", 1.0), (3, "greedy", 0.7)])
-def test_speculative_sequence_law_is_exact(exact_model, gamma, draft, temperature):
-    model = exact_model
-    V, n_new, N = model.config.vocab_size, 4, 60_000
+def test_speculative_sequence_law_is_exact(exact_model, gamma, draft, temperature, where, monkeypatch):
+    """The joint law of 4 new tokens (625 outcomes) against exact enumeration, 60,000 rows in one batch,
+    eagerly and replayed as a CUDA graph (real on a GPU, a stand-in elsewhere)."""
+    V, n_new, N = exact_model.config.vocab_size, 4, 60_000
     prompt = torch.tensor([[1, 3, 0]])
-    conts, law = exact_sequence_law(model, prompt, n_new, temperature)
-    gen = torch.Generator().manual_seed(7)
+    conts, law = exact_sequence_law(exact_model, prompt, n_new, temperature)
+    model, graphs = decoding_on(where, exact_model, monkeypatch)
+    gen = torch.Generator(model.lm_head.weight.device).manual_seed(7)
     out = bebop.speculative_generate(model, prompt.expand(N, -1), n_new, gamma=gamma, draft=draft,
-                                     temperature=temperature, generator=gen)
+                                     temperature=temperature, generator=gen, cuda_graphs=graphs)
     stats = out.stats
     assert stats["acceptance"][0] < 0.95, "no rejections: the test would not exercise corrections"
     assert stats["acceptance"][-1] * stats["drafts_reached"][-1] > 100, "no bonus tokens were drawn"
-    assert chi2_pvalue(sequence_counts(out.new_tokens, V), law) > P_MIN
+    assert chi2_pvalue(sequence_counts(out.new_tokens.cpu(), V), law) > P_MIN
 
 
-def test_sequence_law_test_rejects_a_broken_sampler(exact_model, monkeypatch):
-    model = exact_model
-    V, n_new, N = model.config.vocab_size, 4, 60_000
+@pytest.mark.parametrize("where", WHERE)
+def test_sequence_law_test_rejects_a_broken_sampler(exact_model, where, monkeypatch):
+    V, n_new, N = exact_model.config.vocab_size, 4, 60_000
     prompt = torch.tensor([[1, 3, 0]])
-    _, law = exact_sequence_law(model, prompt, n_new)
+    _, law = exact_sequence_law(exact_model, prompt, n_new)
+    model, graphs = decoding_on(where, exact_model, monkeypatch)   # fresh static decoders: captures the bug
     monkeypatch.setattr(bebop, "rejection_sample", broken_rejection_sample("resample_from_p"))
-    out = bebop.speculative_generate(model, prompt.expand(N, -1), n_new, gamma=2,
-                                     generator=torch.Generator().manual_seed(7))
-    assert chi2_pvalue(sequence_counts(out.new_tokens, V), law) < P_BROKEN
+    out = bebop.speculative_generate(model, prompt.expand(N, -1), n_new, gamma=2, cuda_graphs=graphs,
+                                     generator=torch.Generator(model.lm_head.weight.device).manual_seed(7))
+    assert chi2_pvalue(sequence_counts(out.new_tokens.cpu(), V), law) < P_BROKEN
 
 
-def test_generate_sequence_law_is_exact():
-    model = tiny_model()
-    V, n_new, N = model.config.vocab_size, 4, 60_000
+@pytest.mark.parametrize("where", WHERE)
+def test_generate_sequence_law_is_exact(where, monkeypatch):
+    V, n_new, N = 5, 4, 60_000
     prompt = torch.tensor([[2, 2]])
-    _, law = exact_sequence_law(model, prompt, n_new)
-    out = bebop.generate(model, prompt.expand(N, -1), n_new, generator=torch.Generator().manual_seed(3))
-    assert chi2_pvalue(sequence_counts(out.new_tokens, V), law) > P_MIN
+    _, law = exact_sequence_law(tiny_model(), prompt, n_new)
+    model, graphs = decoding_on(where, tiny_model(), monkeypatch)
+    out = bebop.generate(model, prompt.expand(N, -1), n_new, cuda_graphs=graphs,
+                         generator=torch.Generator(model.lm_head.weight.device).manual_seed(3))
+    assert chi2_pvalue(sequence_counts(out.new_tokens.cpu(), V), law) > P_MIN
 
 
 # ----------------------------------------------------------------------------- greedy, cache, drafts
@@ -388,6 +428,126 @@ def test_reproducible_with_a_generator():
     a = bebop.speculative_generate(model, prompt, 6, generator=torch.Generator().manual_seed(5))
     b = bebop.speculative_generate(model, prompt, 6, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+
+
+# ----------------------------------------------------------------------------- CUDA graphs, bf16 rollouts
+
+
+@pytest.mark.parametrize("where", ["stand_in", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_graphed_decoding_equals_eager(drafted_model, where, precision, monkeypatch):
+    """Greedy decoding gives identical tokens, log-probs and stats with and without graphs: plain and
+    speculative (RS and TO rules), ragged prompts, with and without EOS, over repeated calls that replay
+    the graph captured by the first, and after the weights change in place (as an optimizer step does)."""
+    model, _ = decoding_on(where, bebop.rollout_weights(drafted_model, precision), monkeypatch)
+    calls = [(bebop.generate, {}), (bebop.speculative_generate, dict(gamma=3, draft="sample")),
+             (bebop.speculative_generate, dict(gamma=2, draft="greedy"))]
+    kept = []
+    for perturb in (False, True):
+        if perturb:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1.05)
+        for fn, kw in calls:
+            for eos in (None, 3):
+                eager = fn(model, RAGGED, 20, temperature=0, eos=eos, cuda_graphs=False, **kw)
+                for _ in range(2):
+                    graphed = fn(model, RAGGED, 20, temperature=0, eos=eos, cuda_graphs=True, **kw)
+                    assert torch.equal(graphed.new_tokens, eager.new_tokens), (fn.__name__, kw, eos, perturb)
+                    torch.testing.assert_close(graphed.logprobs, eager.logprobs, rtol=0, atol=1e-5)
+                    assert graphed.stats == eager.stats
+                    kept.append((graphed, eager))
+    assert any(e.stats.get("accept_length", 1) > 1.5 for _, e in kept), "drafts were hardly accepted"
+    for graphed, eager in kept:   # nothing returned may alias the static buffers a later call reuses
+        assert torch.equal(graphed.new_tokens, eager.new_tokens)
+
+
+@pytest.mark.parametrize("where", ["stand_in", pytest.param("cuda", marks=needs_cuda)])
+def test_graphed_sampling_follows_the_callers_generator(drafted_model, where, monkeypatch):
+    model, _ = decoding_on(where, drafted_model, monkeypatch)
+    dev = model.lm_head.weight.device
+    run = lambda fn, seed: fn(model, RAGGED, 20, cuda_graphs=True, generator=torch.Generator(dev).manual_seed(seed))
+    for fn in (bebop.generate, bebop.speculative_generate):
+        a, b, c = run(fn, 1), run(fn, 1), run(fn, 2)
+        assert torch.equal(a.new_tokens, b.new_tokens) and torch.equal(a.logprobs, b.logprobs)
+        assert not torch.equal(a.new_tokens, c.new_tokens)
+
+
+def test_static_decoders_capture_once_per_shape_and_follow_the_weights(drafted_model, monkeypatch):
+    captures = stand_in_graphs(monkeypatch)
+    model = copy.deepcopy(drafted_model)
+    prompts = lambda B: torch.tensor([[1, 2, 3]]).expand(B, -1)
+    for B in (1, 2, 1, 2):
+        bebop.speculative_generate(model, prompts(B), 10, cuda_graphs=True)
+    assert len(captures) == 2
+    bebop.generate(model, prompts(1), 10, cuda_graphs=True)
+    bebop.speculative_generate(model, prompts(1), 10, temperature=0.5, cuda_graphs=True)
+    assert len(captures) == 4
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())   # new storage
+    bebop.speculative_generate(model, prompts(1), 10, cuda_graphs=True)
+    assert len(captures) == 5, "a graph over the old weights was replayed"
+
+
+def test_a_graphed_step_that_rebinds_its_state_is_refused(drafted_model, monkeypatch):
+    stand_in_graphs(monkeypatch)
+    real = bebop.plain_step
+
+    def rebinding(model, caches, s, *args, **kwargs):
+        real(model, caches, s, *args, **kwargs)
+        s.x = s.x.clone()   # a new tensor: a graph would go on writing the old one
+    monkeypatch.setattr(bebop, "plain_step", rebinding)
+    with pytest.raises(RuntimeError, match="in place.*'x'"):
+        bebop.generate(drafted_model, RAGGED, 5, cuda_graphs=True)
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_run(drafted_model):
+    with pytest.raises(ValueError, match="needs a model on a CUDA device"):
+        bebop.generate(drafted_model, RAGGED, 5, cuda_graphs=True)     # a CPU model, on any machine
+    with pytest.raises(ValueError, match="trace records every round eagerly"):
+        bebop.speculative_generate(drafted_model, RAGGED, 5, trace=[], cuda_graphs=True)
+
+
+def test_bf16_rollout_weights_track_the_trainer_in_place(drafted_model):
+    model = copy.deepcopy(drafted_model)
+    assert bebop.rollout_weights(model, "fp32") is model
+    policy = bebop.rollout_weights(model, "bf16")
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in policy.parameters())
+    assert policy.rope_cos.dtype == torch.float32, "rotary tables must stay float32"
+    where = [p.data_ptr() for p in policy.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05)
+    bebop.refresh_rollout_weights(policy, model)
+    assert [p.data_ptr() for p in policy.parameters()] == where, "refreshing moved the weights: graphs would break"
+    assert all(torch.equal(q, p.to(torch.bfloat16)) for q, p in zip(policy.parameters(), model.parameters()))
+    out = bebop.speculative_generate(policy, RAGGED, 20, temperature=0)
+    ref = bebop.speculative_generate(model, RAGGED, 20, temperature=0)
+    assert out.logprobs.dtype == torch.float32
+    assert (out.new_tokens == ref.new_tokens).float().mean() > 0.8
+    assert out.stats["accept_length"] > 1.5
+
+
+def test_bf16_training_runs_end_to_end(tmp_path):
+    """--precision bf16 (the CUDA default) on a CPU: autocast in SFT, MTP training (memory-lean TV under
+    autocast) and GRPO, rollouts on the refreshed bf16 copy."""
+    _, summary = bebop.train(bebop.parse_args(TINY_RUN + ["--precision", "bf16", "--out", str(tmp_path)]))
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    sft = [e["loss"] for e in log if e["stage"] == "sft"]
+    assert all(math.isfinite(e["loss"]) for e in log)
+    assert sft[-1] < sft[0] - 0.3
+    assert summary["accept_length"] > 1.5 and math.isfinite(summary["reward_after"])
+
+
+def test_bench_writes_the_table(tmp_path):
+    result = bebop.main(["--bench", "--preset", "tiny", "--sft-steps", "5", "--mtp-steps", "5", "--out", str(tmp_path)])
+    rows = json.load(open(tmp_path / "bench.json"))
+    assert {(r["mode"], r["batch"]) for r in rows} == {(m, B) for m in ("plain", "spec") for B in (1, 4, 16)}
+    for r in rows:
+        assert r["cuda_graphs"] is False and r["tokens_per_s"] > 0 and r["t_spec_step"] > r["t_verify"] > 0
+        assert (r["accept_length"] > 1) == (r["mode"] == "spec")
+        assert 0 < r["achieved_over_ideal"] and r["launches_spec_step"] > r["launches_plain"] > 0
+    assert result["grpo_step"]["spec"]["step_s"] > 0 and result["grpo_step"]["ar"]["step_s"] > 0
+    assert result["tv_loss"]["lean"]["saved_mb"] < result["tv_loss"]["plain"]["saved_mb"] / 2
 
 
 # ----------------------------------------------------------------------------- MTP losses (Eq. 10, 11, 13)
@@ -713,8 +873,8 @@ def test_two_ranks_with_gloo_stay_in_sync_and_log_reduced_metrics(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert states_equal(r0["state"], r1["state"])
     assert len(r0["calls"]) == len(r1["calls"])
-    # GRPO's averaged numbers are the 6-value reductions; their second entry is the reward
-    grpo = [(a, b) for a, b in zip(r0["calls"], r1["calls"]) if len(a[0]) == 6]
+    # GRPO's averaged numbers are the 7-value mean reductions; their second entry is the reward
+    grpo = [(a, b) for a, b in zip(r0["calls"], r1["calls"]) if len(a[0]) == 7 and a[1] == "mean"]
     log = [json.loads(line) for line in open(out / "log.jsonl") if '"grpo"' in line]
     assert len(grpo) == len(log) == 6
     differ = 0
