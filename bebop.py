@@ -99,7 +99,7 @@ def rope_tables(head_dim: int, n_pos: int, base: float):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (x1, x2) of channels by each token's own angle; x (B, nh, T, hs), cos/sin (B, 1, T, hs/2)."""
+    """Rotate pairs (x1, x2) of channels by each token's own angle; x (..., B, nh, T, hs), cos/sin (B, 1, T, hs/2)."""
     # Rotary positions only depend on position differences, so per-row positions need no extra care.
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
@@ -145,8 +145,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope, mask=None, kv=None):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        (q, k), v = apply_rope(qkv[:2], *rope), qkv[2]   # queries and keys rotated in one go (fewer ops)
         if kv is not None:  # store the new keys/values, get back every key these queries may look at
             k, v = kv(k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)

@@ -322,6 +322,25 @@ def test_greedy_eos_inside_an_accepted_run(drafted_model):
     assert (out.logprobs[b, first + 1:] == 0).all()
 
 
+def test_decoding_stops_rows_at_their_end_mark(drafted_model):
+    """A row that emitted EOS takes no further part; the batch stops when its last row ends."""
+    prompt, eos = torch.tensor([[1, 2, 3]]).expand(16, -1), 6
+    out = bebop.generate(drafted_model, prompt, 30, eos=eos, generator=torch.Generator().manual_seed(0))
+    lengths = out.mask.sum(1)
+    assert (lengths < 30).all(), "some row never emitted EOS: pick another seed"
+    assert out.stats["target_forwards"] == lengths.max()       # one forward per token of the longest row
+    trace = []
+    out = bebop.speculative_generate(drafted_model, prompt, 30, eos=eos, trace=trace,
+                                     generator=torch.Generator().manual_seed(0))
+    assert (out.mask.sum(1) < 30).all()
+    ended_early = 0
+    for now, later in zip(trace, trace[1:]):
+        ended = now["active"] & ((now["tokens"] == eos) & (torch.arange(4) <= now["n"][:, None])).any(1)
+        assert not (ended & later["active"]).any(), "a row went on after its EOS"
+        ended_early += int(ended.sum())
+    assert ended_early > 0, "no row ended before the last round: the check above tested nothing"
+    assert trace[-1]["active"].any() and len(trace) == out.stats["rounds"]
+
 def test_cache_logits_logprobs_and_drafts_match_the_training_path(drafted_model):
     """After rejections and rollbacks: the verify logits equal full-forward logits, the returned logprobs
     equal the full-forward log-softmax, and every draft row q_k used online equals the training path's
@@ -527,10 +546,19 @@ def test_bf16_rollout_weights_track_the_trainer_in_place(drafted_model):
     assert out.stats["accept_length"] > 1.5
 
 
-def test_bf16_training_runs_end_to_end(tmp_path):
+def test_bf16_training_runs_end_to_end(tmp_path, monkeypatch):
     """--precision bf16 (the CUDA default) on a CPU: autocast in SFT, MTP training (memory-lean TV under
     autocast) and GRPO, rollouts on the refreshed bf16 copy."""
+    used = []
+    real = bebop.rollout
+
+    def spy(model, *args, **kwargs):
+        used.append([p.detach().clone() for p in model.parameters()])
+        return real(model, *args, **kwargs)
+    monkeypatch.setattr(bebop, "rollout", spy)
     _, summary = bebop.train(bebop.parse_args(TINY_RUN + ["--precision", "bf16", "--out", str(tmp_path)]))
+    assert all(p.dtype == torch.bfloat16 for p in used[0])
+    assert not all(torch.equal(a, b) for a, b in zip(used[0], used[-1])), "rollouts never saw the updated policy"
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     sft = [e["loss"] for e in log if e["stage"] == "sft"]
     assert all(math.isfinite(e["loss"]) for e in log)
