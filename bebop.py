@@ -851,8 +851,10 @@ class StaticDecoder:
         return self.replay
 
 
-# Static decoders live as long as their model (weakly keyed) and are dropped when its weights move.
+# Static decoders live as long as their model (weakly keyed), are dropped when its weights move, and at
+# most MAX_STATIC_DECODERS are kept per model (each holds a full set of caches): the oldest goes first.
 STATIC_DECODERS = weakref.WeakKeyDictionary()
+MAX_STATIC_DECODERS = 8
 
 
 def static_decoder(model: GPT, key, B: int, S: int) -> StaticDecoder:
@@ -861,10 +863,12 @@ def static_decoder(model: GPT, key, B: int, S: int) -> StaticDecoder:
     entry = STATIC_DECODERS.get(model)
     if entry is None or entry["where"] != where:
         entry = STATIC_DECODERS[model] = dict(where=where, decoders={})
-    key = key + (S, next(model.parameters()).dtype)
-    if key not in entry["decoders"]:
-        entry["decoders"][key] = StaticDecoder(model, B, S)
-    return entry["decoders"][key]
+    decoders, key = entry["decoders"], key + (S, next(model.parameters()).dtype)
+    if key not in decoders:
+        if len(decoders) >= MAX_STATIC_DECODERS:
+            decoders.pop(next(iter(decoders)))
+        decoders[key] = StaticDecoder(model, B, S)
+    return decoders[key]
 
 
 # ---------------------------------------------------------------------------------------------------

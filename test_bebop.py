@@ -505,6 +505,10 @@ def test_static_decoders_capture_once_per_shape_and_follow_the_weights(drafted_m
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())   # new storage
     bebop.speculative_generate(model, prompts(1), 10, cuda_graphs=True)
     assert len(captures) == 5, "a graph over the old weights was replayed"
+    monkeypatch.setattr(bebop, "MAX_STATIC_DECODERS", 2)     # memory bound: the oldest shape is dropped
+    for B in (2, 3, 1):
+        bebop.speculative_generate(model, prompts(B), 10, cuda_graphs=True)
+    assert len(captures) == 8
 
 
 def test_a_graphed_step_that_rebinds_its_state_is_refused(drafted_model, monkeypatch):
