@@ -616,10 +616,10 @@ def generate(model: GPT, prompt, max_new_tokens: int, *, temperature: float = 1.
     idx, lengths, ragged = prepare_prompts(model, prompt, max_new_tokens, lookahead=0)
     B, P = idx.shape
     key = ("plain", B, P, max_new_tokens, temperature, eos)
-    s = decoding_loop(model, key, B, P + max_new_tokens,
-               lambda caches: plain_prefill(model, caches, idx, lengths, max_new_tokens, temperature, generator, eos),
-               functools.partial(plain_step, model, temperature=temperature, eos=eos, max_new_tokens=max_new_tokens),
-               generator, max_new_tokens - 1, use_cuda_graphs(cuda_graphs, idx.device))
+    prefill = lambda caches: plain_prefill(model, caches, idx, lengths, max_new_tokens, temperature, generator, eos)
+    step = functools.partial(plain_step, model, temperature=temperature, eos=eos, max_new_tokens=max_new_tokens)
+    s = decoding_loop(model, key, B, P + max_new_tokens, prefill, step, generator, max_new_tokens - 1,
+                      use_cuda_graphs(cuda_graphs, idx.device))
     stats = dict(target_forwards=int(s.forwards), accept_length=1.0)
     # Copies: with CUDA graphs the state is reused by the next call of this shape.
     return finish(idx, lengths, ragged, s.tokens[:, :max_new_tokens].clone(), s.logprobs[:, :max_new_tokens].clone(),
@@ -748,12 +748,13 @@ def speculative_generate(model: GPT, prompt, max_new_tokens: int, *, gamma: int 
     idx, lengths, ragged = prepare_prompts(model, prompt, max_new_tokens, lookahead=gamma)
     B, P = idx.shape
     key = ("speculative", B, P, max_new_tokens, gamma, temperature, draft, eos)
-    s = decoding_loop(model, key, B, P + max_new_tokens + gamma,
-               lambda caches: speculative_prefill(model, caches, idx, lengths, max_new_tokens, gamma, temperature,
-                                                  generator, eos),
-               functools.partial(speculative_round, model, gamma=gamma, temperature=temperature,
-                                 greedy=draft == "greedy", eos=eos, max_new_tokens=max_new_tokens, trace=trace),
-               generator, max_new_tokens - 1, trace is None and use_cuda_graphs(cuda_graphs, idx.device))
+    prefill = lambda caches: speculative_prefill(model, caches, idx, lengths, max_new_tokens, gamma, temperature,
+                                                 generator, eos)
+    step = functools.partial(speculative_round, model, gamma=gamma, temperature=temperature, greedy=draft == "greedy",
+                             eos=eos, max_new_tokens=max_new_tokens, trace=trace)
+    # Every active row gains at least one token per round, so max_new_tokens - 1 rounds always suffice.
+    s = decoding_loop(model, key, B, P + max_new_tokens + gamma, prefill, step, generator, max_new_tokens - 1,
+                      trace is None and use_cuda_graphs(cuda_graphs, idx.device))
     stats = acceptance_stats(s.histogram.tolist())
     stats.update(target_forwards=int(s.rounds) + 1, rounds=int(s.rounds))
     # Copies: with CUDA graphs the state is reused by the next call of this shape.
@@ -1847,12 +1848,13 @@ def run_benchmark(args):
                        ceiling=(tc.gamma + 1) * c["t_plain"] / c["t_spec_step"],
                        other_share=1 - drafting_and_verify / c["t_spec_step"])  # sampling + bookkeeping
             row["achieved_over_ideal"] = row["speedup"] / row["ideal_speedup"]
-            for mode, tps in (("plain", plain_tps), ("spec", spec_tps)):
-                rows.append(dict(mode=mode, tokens_per_s=tps, accept_length=accept_len if mode == "spec" else 1.0, **row))
+            rows.append(dict(mode="plain", tokens_per_s=plain_tps, accept_length=1.0, **row))
+            rows.append(dict(mode="spec", tokens_per_s=spec_tps, accept_length=accept_len, **row))
+            ms = {name: f"{c[name] * 1e3:7.3f}ms" for name in ("t_plain", "t_verify", "t_draft", "t_spec_step")}
             print(f"{B:5d} {'on' if graphs else 'off':>6} {plain_tps:11.0f} {spec_tps:10.0f} {row['speedup']:6.2f}x "
-                  f"{accept_len:5.2f} {c['t_plain'] * 1e3:7.3f}ms {c['t_verify'] * 1e3:7.3f}ms {c['t_draft'] * 1e3:7.3f}ms "
-                  f"{c['t_spec_step'] * 1e3:7.3f}ms {row['other_share']:5.0%} {row['ideal_speedup']:5.2f}x "
-                  f"{row['achieved_over_ideal']:8.0%} {row['ceiling']:6.2f}x")
+                  f"{accept_len:5.2f} {ms['t_plain']} {ms['t_verify']} {ms['t_draft']} {ms['t_spec_step']} "
+                  f"{row['other_share']:5.0%} {row['ideal_speedup']:5.2f}x {row['achieved_over_ideal']:8.0%} "
+                  f"{row['ceiling']:6.2f}x")
     print("  t_plain: one plain step; t_verify: the verify forward alone; t_draft: one MTP draft step; t_step: one\n"
           "  whole speculative round; other: the round's share spent outside drafting and verifying (sampling,\n"
           "  bookkeeping); ideal = len x t_plain / (t_verify + gamma t_draft); ceiling = (gamma+1) t_plain / t_step")
