@@ -39,6 +39,7 @@ import math
 import os
 import signal
 import time
+import warnings
 import weakref
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field
@@ -553,20 +554,20 @@ def repeat_until_done(step, done, max_steps: int):
                 return
 
 
-def decoding_loop(model: GPT, key, B: int, S: int, prefill, step, generator, max_steps: int, cuda_graphs: bool):
+def decoding_loop(model: GPT, key, B: int, S: int, prefill, step, generator, max_steps: int, cuda_graphs):
     """Prefill, then repeat a decoding step until every row is done; returns the final state.
 
     prefill(caches) -> state, a SimpleNamespace of tensors; step(caches, state, generator) updates them in
-    place. With cuda_graphs the caches and state live in a StaticDecoder (section 6) kept per `key`, and
-    the step is replayed as a CUDA graph; the functions themselves are the same either way."""
-    static = static_decoder(model, key, B, S) if cuda_graphs else None
+    place. With CUDA graphs (see use_cuda_graphs) the caches and state live in a StaticDecoder (section 6)
+    kept per `key`, and the step is replayed as a graph; the functions themselves are the same either way."""
+    static = static_decoder(model, key, B, S) if use_cuda_graphs(cuda_graphs, model.lm_head.weight.device) else None
     caches = static.caches if static else Caches(model, B, S)
     state = prefill(caches)
     if static:
         state, generator = static.enter(state, generator)
     run = functools.partial(step, caches, state, generator=generator)
     if static:
-        run = static.graphed(run)
+        run = static.graphed(run, strict=cuda_graphs is True)
     repeat_until_done(run, state.done, max_steps)
     return state
 
@@ -618,8 +619,7 @@ def generate(model: GPT, prompt, max_new_tokens: int, *, temperature: float = 1.
     key = ("plain", B, P, max_new_tokens, temperature, eos)
     prefill = lambda caches: plain_prefill(model, caches, idx, lengths, max_new_tokens, temperature, generator, eos)
     step = functools.partial(plain_step, model, temperature=temperature, eos=eos, max_new_tokens=max_new_tokens)
-    s = decoding_loop(model, key, B, P + max_new_tokens, prefill, step, generator, max_new_tokens - 1,
-                      use_cuda_graphs(cuda_graphs, idx.device))
+    s = decoding_loop(model, key, B, P + max_new_tokens, prefill, step, generator, max_new_tokens - 1, cuda_graphs)
     stats = dict(target_forwards=int(s.forwards), accept_length=1.0)
     # Copies: with CUDA graphs the state is reused by the next call of this shape.
     return finish(idx, lengths, ragged, s.tokens[:, :max_new_tokens].clone(), s.logprobs[:, :max_new_tokens].clone(),
@@ -754,7 +754,7 @@ def speculative_generate(model: GPT, prompt, max_new_tokens: int, *, gamma: int 
                              eos=eos, max_new_tokens=max_new_tokens, trace=trace)
     # Every active row gains at least one token per round, so max_new_tokens - 1 rounds always suffice.
     s = decoding_loop(model, key, B, P + max_new_tokens + gamma, prefill, step, generator, max_new_tokens - 1,
-                      trace is None and use_cuda_graphs(cuda_graphs, idx.device))
+                      False if trace is not None else cuda_graphs)
     stats = acceptance_stats(s.histogram.tolist())
     stats.update(target_forwards=int(s.rounds) + 1, rounds=int(s.rounds))
     # Copies: with CUDA graphs the state is reused by the next call of this shape.
@@ -840,12 +840,20 @@ class StaticDecoder:
         self.generator.manual_seed(int(seed))
         return self.state, self.generator
 
-    def graphed(self, step):
+    def graphed(self, step, strict: bool):
         """The replay of step, captured on first use. A step that rebinds a state field instead of
-        updating it in place would be silently wrong in a graph: refuse it here."""
+        updating it in place would be silently wrong in a graph: refuse it here. If the capture itself
+        fails and graphs were not insisted on (strict), warn and run this shape eagerly from then on."""
         if self.replay is None:
             fields = dict(vars(self.state))
-            self.replay = capture_cuda_graph(step, self.tensors(), self.generator)
+            try:
+                self.replay = capture_cuda_graph(step, self.tensors(), self.generator)
+            except RuntimeError as e:
+                if strict:
+                    raise
+                warnings.warn(f"CUDA graph capture failed, decoding this shape eagerly ({e}); "
+                              f"--no-cuda-graphs (cuda_graphs=False) skips graphs altogether")
+                self.replay = step   # the same static state and generator: later calls stay consistent
             rebound = [name for name, t in vars(self.state).items() if t is not fields[name]]
             if rebound:
                 raise RuntimeError(f"a graphed step must update its state in place; it rebound {rebound}")
@@ -1811,7 +1819,8 @@ def tv_memory_benchmark(device, rows: int = 1024, vocab: int = 32768):
         def step():
             y = z.clone().requires_grad_(True)
             fn(y).sum().backward()
-        result[name] = dict(seconds=timed(step, 2, device, blocks=3), saved_mb=sum(v for k, v in saved.items() if k not in own) / 2**20,
+        saved_mb = sum(v for k, v in saved.items() if k not in own) / 2**20
+        result[name] = dict(seconds=timed(step, 2, device, blocks=3), saved_mb=saved_mb,
                             peak_mb=None if peak is None else peak / 2**20)
     return result
 

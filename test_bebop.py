@@ -523,6 +523,21 @@ def test_a_graphed_step_that_rebinds_its_state_is_refused(drafted_model, monkeyp
         bebop.generate(drafted_model, RAGGED, 5, cuda_graphs=True)
 
 
+def test_a_failed_capture_falls_back_to_eager_unless_graphs_were_insisted_on(drafted_model, monkeypatch):
+    stand_in_graphs(monkeypatch)
+
+    def failing(step, tensors, generator):
+        bebop.warm_up(step, tensors, generator)
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(bebop, "capture_cuda_graph", failing)
+    eager = bebop.speculative_generate(drafted_model, RAGGED, 20, temperature=0, cuda_graphs=False)
+    with pytest.warns(UserWarning, match="capture failed"):
+        auto = bebop.speculative_generate(drafted_model, RAGGED, 20, temperature=0)
+    again = bebop.speculative_generate(drafted_model, RAGGED, 20, temperature=0)   # no second capture
+    assert torch.equal(auto.new_tokens, eager.new_tokens) and torch.equal(again.new_tokens, eager.new_tokens)
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        bebop.generate(drafted_model, RAGGED, 20, cuda_graphs=True)
+
 def test_cuda_graphs_are_refused_where_they_cannot_run(drafted_model):
     with pytest.raises(ValueError, match="needs a model on a CUDA device"):
         bebop.generate(drafted_model, RAGGED, 5, cuda_graphs=True)     # a CPU model, on any machine
