@@ -527,30 +527,29 @@ def finish(idx, lengths, ragged, new_tokens, logprobs, eos, stats):
     return Generation(tokens, new_tokens, logprobs, mask, stats)
 
 
-def repeat_until_done(step, done, max_steps: int):
+def repeat_until_done(step, done, max_steps: int, lag=None):
     """Call step() until every row of `done` (B,) is True, at most max_steps times.
 
-    Reading `done` on the host waits for the device. On CUDA the flag is copied to pinned memory behind
-    each step and read one step late, so the GPU always has the next step queued and never waits for the
-    host; a batch that has just finished then runs one idle step, which changes nothing (finished rows
-    are parked and write nothing)."""
+    Reading `done` on the host waits for the device. On CUDA (lag 1, the default there) the flag is copied
+    to pinned memory behind each step and read one step late, so the GPU always has the next step queued
+    and never waits for the host; a batch that has just finished then runs `lag` idle steps, which change
+    nothing (finished rows are parked and write nothing). Elsewhere the flag is read at once (lag 0)."""
+    cuda = done.is_cuda
+    lag = (1 if cuda else 0) if lag is None else lag
     if bool(done.all()):
         return
-    if not done.is_cuda:
-        for _ in range(max_steps):
-            step()
-            if bool(done.all()):
-                return
-        return
-    flags = torch.zeros(2, dtype=torch.bool, pin_memory=True)
-    events = [torch.cuda.Event(), torch.cuda.Event()]
+    flags = torch.zeros(lag + 1, dtype=torch.bool, pin_memory=cuda)     # a ring: one slot per step in flight
+    events = [torch.cuda.Event() if cuda else None for _ in range(lag + 1)]
     for i in range(max_steps):
         step()
-        flags[i % 2].copy_(done.all(), non_blocking=True)
-        events[i % 2].record()
-        if i > 0:                                   # the flag of the step before this one
-            events[(i - 1) % 2].synchronize()
-            if flags[(i - 1) % 2]:
+        flags[i % (lag + 1)].copy_(done.all(), non_blocking=cuda)
+        if cuda:
+            events[i % (lag + 1)].record()
+        j = i - lag                                  # the step whose flag is read now
+        if j >= 0:
+            if cuda:
+                events[j % (lag + 1)].synchronize()
+            if flags[j % (lag + 1)]:
                 return
 
 
@@ -580,7 +579,7 @@ def plain_prefill(model: GPT, caches: Caches, idx, lengths, max_new_tokens: int,
     logits, _ = backbone_step(model, caches, idx, torch.arange(P, device=idx.device).expand(B, P))
     last = logits[rows, lengths - 1]                        # each row's last prompt position
     x = sample(probs_from_logits(last, temperature), generator)
-    width = max_new_tokens + 1                              # a spare last column takes idle steps' writes
+    width = max_new_tokens + 1                              # a spare column for steps past the end (the bench)
     tokens = torch.zeros(B, width, dtype=torch.long, device=idx.device)
     logprobs = torch.zeros(B, width, device=idx.device)
     tokens[:, 0], logprobs[:, 0] = x, logprobs_of(last, x, temperature)

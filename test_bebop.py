@@ -341,6 +341,31 @@ def test_decoding_stops_rows_at_their_end_mark(drafted_model):
     assert ended_early > 0, "no row ended before the last round: the check above tested nothing"
     assert trace[-1]["active"].any() and len(trace) == out.stats["rounds"]
 
+@pytest.mark.parametrize("lag", [1, 2])
+def test_idle_steps_after_the_batch_ended_change_nothing(drafted_model, lag, monkeypatch):
+    """On CUDA the host learns that every row is done one step late, so a finished batch runs an idle step.
+    Forcing that lag here: the same tokens, log-probs and stats as reading the flag at once."""
+    prompt, eos = torch.tensor([[1, 2, 3]]).expand(16, -1), 6
+    calls = [(bebop.generate, {}), (bebop.speculative_generate, dict(draft="sample")),
+             (bebop.speculative_generate, dict(draft="greedy"))]
+    at_once = [fn(drafted_model, prompt, 30, eos=eos, generator=torch.Generator().manual_seed(0), **kw)
+               for fn, kw in calls]
+    steps = []
+    real = bebop.repeat_until_done
+
+    def late(step, done, max_steps, lag_=None):
+        def counted():
+            steps.append(bool(done.all()))
+            step()
+        real(counted, done, max_steps, lag=lag)
+    monkeypatch.setattr(bebop, "repeat_until_done", late)
+    for (fn, kw), ref in zip(calls, at_once):
+        steps.clear()
+        out = fn(drafted_model, prompt, 30, eos=eos, generator=torch.Generator().manual_seed(0), **kw)
+        assert steps.count(True) == lag, "the lagged loop ran no idle step: the test proves nothing"
+        assert torch.equal(out.new_tokens, ref.new_tokens) and torch.equal(out.mask, ref.mask)
+        assert torch.equal(out.logprobs, ref.logprobs) and out.stats == ref.stats
+
 def test_cache_logits_logprobs_and_drafts_match_the_training_path(drafted_model):
     """After rejections and rollbacks: the verify logits equal full-forward logits, the returned logprobs
     equal the full-forward log-softmax, and every draft row q_k used online equals the training path's
