@@ -298,6 +298,9 @@ class Caches:
     def all(self):
         return self.backbone + [self.mtp]
 
+    def tensors(self):
+        return [t for c in self.all() for t in (c.k, c.v)]
+
 
 def backbone_step(model: GPT, caches: Caches, tokens, pos):
     """Cached backbone forward of tokens (B, T) at positions pos (B, T): (logits, hidden)."""
@@ -412,12 +415,6 @@ def probs_from_logits(logits, temperature: float):
     return F.softmax(logits / temperature, dim=-1)
 
 
-def logprobs_of(logits, tokens, temperature: float):
-    """log p(token) at the sampling temperature (temperature 0 reports the untempered policy)."""
-    logp = F.log_softmax(logits.float() / (temperature or 1.0), dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
 def sample(probs, generator=None):
     """One draw per row from unnormalised probs (..., V): argmax of probs / Exp(1) noise.
 
@@ -425,6 +422,14 @@ def sample(probs, generator=None):
     probs_v / sum(probs), so no normalisation, cumsum or host sync is needed; zeros never win."""
     noise = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / noise).argmax(-1)
+
+
+def sample_token(logits, temperature: float, generator=None):
+    """One token per row (..., V) -> (...), and its log-prob at the sampling temperature, from one
+    log-softmax (the probabilities are its exp; temperature 0 picks the argmax)."""
+    logp = F.log_softmax(logits.float() / (temperature or 1.0), dim=-1)
+    x = sample(logp.exp() if temperature > 0 else probs_from_logits(logits, 0), generator)
+    return x, logp.gather(-1, x[..., None]).squeeze(-1)
 
 
 def rejection_sample(target_probs, draft_probs, draft_tokens, generator=None):
@@ -571,34 +576,42 @@ def decoding_loop(model: GPT, key, B: int, S: int, prefill, step, generator, max
     return state
 
 
-def plain_prefill(model: GPT, caches: Caches, idx, lengths, max_new_tokens: int, temperature: float,
-                  generator, eos):
-    """Read the prompts, sample the first new token; the state plain_step advances."""
+def prefill(model: GPT, caches: Caches, idx, lengths, width: int, max_new_tokens: int, temperature: float,
+            generator, eos):
+    """The backbone reads the right-padded prompts (B, P) and samples x_L after each row's last prompt
+    token. Returns the prompts' hidden states and the state both decoders start from: x, output buffers
+    (B, width) holding x in column 0, and which rows are already done."""
     B, P = idx.shape
     rows = torch.arange(B, device=idx.device)
-    logits, _ = backbone_step(model, caches, idx, torch.arange(P, device=idx.device).expand(B, P))
-    last = logits[rows, lengths - 1]                        # each row's last prompt position
-    x = sample(probs_from_logits(last, temperature), generator)
-    width = max_new_tokens + 1                              # a spare column for steps past the end (the bench)
+    logits, h = backbone_step(model, caches, idx, torch.arange(P, device=idx.device).expand(B, P))
+    x, logp = sample_token(logits[rows, lengths - 1], temperature, generator)
     tokens = torch.zeros(B, width, dtype=torch.long, device=idx.device)
     logprobs = torch.zeros(B, width, device=idx.device)
-    tokens[:, 0], logprobs[:, 0] = x, logprobs_of(last, x, temperature)
+    tokens[:, 0], logprobs[:, 0] = x, logp
     done = torch.full((B,), max_new_tokens <= 1, device=idx.device)
     if eos is not None:
         done |= x == eos
-    return SimpleNamespace(x=x, pos=lengths.clone(), i=torch.ones((), dtype=torch.long, device=idx.device),
-                           tokens=tokens, logprobs=logprobs, done=done, forwards=torch.ones((), device=idx.device))
+    return h, SimpleNamespace(x=x, tokens=tokens, logprobs=logprobs, done=done)
+
+
+def plain_prefill(model: GPT, caches: Caches, idx, lengths, max_new_tokens: int, temperature: float,
+                  generator, eos):
+    """prefill, plus where each row's next token goes; the state plain_step advances."""
+    # A spare last column for steps past the end (the bench calls a step any number of times).
+    _, s = prefill(model, caches, idx, lengths, max_new_tokens + 1, max_new_tokens, temperature, generator, eos)
+    s.pos, s.i = lengths.clone(), torch.ones((), dtype=torch.long, device=idx.device)
+    s.forwards = torch.ones((), device=idx.device)
+    return s
 
 
 def plain_step(model: GPT, caches: Caches, s, temperature: float, eos, max_new_tokens: int, generator):
     """One token for every row: forward the last token at its row's position, sample the next."""
     s.forwards += ~s.done.all()                             # an idle step (all rows done) is not counted
     logits, _ = backbone_step(model, caches, s.x[:, None], s.pos[:, None])
-    logits = logits[:, 0]
-    x = sample(probs_from_logits(logits, temperature), generator)
+    x, logp = sample_token(logits[:, 0], temperature, generator)
     col = s.i.clamp(max=max_new_tokens).view(1)             # (1,) a tensor, so a graph can replay it
     s.tokens.index_copy_(1, col, x[:, None])
-    s.logprobs.index_copy_(1, col, logprobs_of(logits, x, temperature)[:, None])
+    s.logprobs.index_copy_(1, col, logp[:, None])
     s.x.copy_(x)
     s.pos.copy_((s.pos + 1).clamp(max=caches.S - 1))
     s.i += 1
@@ -649,29 +662,20 @@ def draft_tokens(model: GPT, caches: Caches, g1, L, gamma: int, temperature: flo
 
 def speculative_prefill(model: GPT, caches: Caches, idx, lengths, max_new_tokens: int, gamma: int,
                         temperature: float, generator, eos):
-    """The backbone reads the prompts and samples x_L; the MTP layer reads the depth-1 inputs
-    (h_s, emb(x_{s+1})) of every prompt anchor, giving the first g^1. Returns the round state."""
+    """prefill, then the MTP layer reads the depth-1 inputs (h_s, emb(x_{s+1})) of every prompt anchor,
+    giving the first g^1. Returns the round state."""
     B, P = idx.shape
-    dev = idx.device
-    rows = torch.arange(B, device=dev)
-    pos = torch.arange(P, device=dev).expand(B, P)
-    logits, h = backbone_step(model, caches, idx, pos)
-    last = logits[rows, lengths - 1]
-    x = sample(probs_from_logits(last, temperature), generator)
+    rows = torch.arange(B, device=idx.device)
+    # A round may write gamma+1 tokens past the last needed one.
+    h, s = prefill(model, caches, idx, lengths, max_new_tokens + gamma + 1, max_new_tokens, temperature, generator, eos)
     nxt = F.pad(idx[:, 1:], (0, 1))
-    nxt[rows, lengths - 1] = x
-    g1 = mtp_step(model, caches, h, nxt, pos)[rows, lengths - 1]
-    width = max_new_tokens + gamma + 1   # a round may write gamma+1 tokens past the last needed one
-    tokens = torch.zeros(B, width, dtype=torch.long, device=dev)
-    logprobs = torch.zeros(B, width, device=dev)
-    tokens[:, 0], logprobs[:, 0] = x, logprobs_of(last, x, temperature)
-    count = torch.ones(B, dtype=torch.long, device=dev)     # tokens emitted so far per row
-    done = count >= max_new_tokens
-    if eos is not None:
-        done |= x == eos
-    return SimpleNamespace(x=x, g1=g1, L=lengths.clone(), count=count, done=done, tokens=tokens, logprobs=logprobs,
-                           histogram=torch.zeros(gamma + 1, dtype=torch.long, device=dev),
-                           rounds=torch.zeros((), dtype=torch.long, device=dev))
+    nxt[rows, lengths - 1] = s.x
+    s.g1 = mtp_step(model, caches, h, nxt, torch.arange(P, device=idx.device).expand(B, P))[rows, lengths - 1]
+    s.L = lengths.clone()                                                   # position of x_L
+    s.count = torch.ones(B, dtype=torch.long, device=idx.device)           # tokens emitted so far per row
+    s.histogram = torch.zeros(gamma + 1, dtype=torch.long, device=idx.device)
+    s.rounds = torch.zeros((), dtype=torch.long, device=idx.device)
+    return s
 
 
 def speculative_round(model: GPT, caches: Caches, s, gamma: int, temperature: float, greedy: bool, eos,
@@ -825,7 +829,7 @@ class StaticDecoder:
         self.replay = None
 
     def tensors(self):
-        return list(vars(self.state).values()) + [t for c in self.caches.all() for t in (c.k, c.v)]
+        return list(vars(self.state).values()) + self.caches.tensors()
 
     def enter(self, state, generator):
         """Adopt a freshly prefilled state (copied into the static one after the first call); reseed the
@@ -1754,8 +1758,7 @@ def step_costs(model: GPT, B: int, gamma: int, device, cuda_graphs: bool, repeat
         t_draft=lambda g: sample(probs_from_logits(model.mtp_head(
             mtp_step(model, caches, spec.g1[:, None], tok[:, :1], pos[:, :1])[:, 0]), 1.0), g),
         t_spec_step=lambda g: speculative_round(model, caches, spec, gamma, 1.0, False, None, max_new, generator=g))
-    tensors = [t for s in (plain, spec) for t in vars(s).values()]
-    tensors += [t for c in plain_caches.all() + caches.all() for t in (c.k, c.v)]
+    tensors = list(vars(plain).values()) + list(vars(spec).values()) + plain_caches.tensors() + caches.tensors()
     result = {}
     for i, (name, piece) in enumerate(pieces.items()):
         g = torch.Generator(device).manual_seed(i)
