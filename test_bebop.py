@@ -482,7 +482,8 @@ def test_reproducible_with_a_generator():
 def test_graphed_decoding_equals_eager(drafted_model, where, precision, monkeypatch):
     """Greedy decoding gives identical tokens, log-probs and stats with and without graphs: plain and
     speculative (RS and TO rules), ragged prompts, with and without EOS, over repeated calls that replay
-    the graph captured by the first, and after the weights change in place (as an optimizer step does)."""
+    the graph captured by the first, and after the weights change in place (as an optimizer step does).
+    Through the stand-in in fp32 the graphed tokens must also equal a naive argmax loop."""
     model, _ = decoding_on(where, bebop.rollout_weights(drafted_model, precision), monkeypatch)
     calls = [(bebop.generate, {}), (bebop.speculative_generate, dict(gamma=3, draft="sample")),
              (bebop.speculative_generate, dict(gamma=2, draft="greedy"))]
@@ -495,6 +496,10 @@ def test_graphed_decoding_equals_eager(drafted_model, where, precision, monkeypa
         for fn, kw in calls:
             for eos in (None, 3):
                 eager = fn(model, RAGGED, 20, temperature=0, eos=eos, cuda_graphs=False, **kw)
+                if where == "stand_in" and precision == "fp32":   # and the graph path against ground truth
+                    graphed = fn(model, RAGGED, 20, temperature=0, eos=eos, cuda_graphs=True, **kw)
+                    for b, prompt in enumerate(RAGGED):
+                        assert torch.equal(graphed.new_tokens[b], naive_greedy(model, prompt, 20, eos))
                 for _ in range(2):
                     graphed = fn(model, RAGGED, 20, temperature=0, eos=eos, cuda_graphs=True, **kw)
                     assert torch.equal(graphed.new_tokens, eager.new_tokens), (fn.__name__, kw, eos, perturb)
