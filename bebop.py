@@ -407,11 +407,17 @@ def mtp_loss(kind: str, draft_logits, target_logits, labels, mask):
 # 4. Sampling. Everything here runs on the device without a host sync, so it can be graph-captured.
 
 
+def one_hot(tokens, V: int):
+    """(...) token ids -> (..., V) float32 one-hot rows. Not F.one_hot: off CUDA it reads the ids back to
+    check their range, a host sync inside the step."""
+    return torch.zeros(*tokens.shape, V, device=tokens.device).scatter_(-1, tokens[..., None], 1.0)
+
+
 def probs_from_logits(logits, temperature: float):
     """Sampling distribution at a temperature, in float32; temperature 0 is greedy (a one-hot)."""
     logits = logits.float()
     if temperature == 0:
-        return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
+        return one_hot(logits.argmax(-1), logits.size(-1))
     return F.softmax(logits / temperature, dim=-1)
 
 
@@ -655,7 +661,7 @@ def draft_tokens(model: GPT, caches: Caches, g1, L, gamma: int, temperature: flo
         q = probs_from_logits(z, temperature)
         d = q.argmax(-1) if greedy else sample(q, generator)
         logits.append(z)
-        qs.append(F.one_hot(d, q.size(-1)).float() if greedy else q)   # TO: the draft law is a one-hot
+        qs.append(one_hot(d, q.size(-1)) if greedy else q)   # TO: the draft law is a one-hot
         ds.append(d)
     return torch.stack(logits, 1), torch.stack(qs, 1), torch.stack(ds, 1)
 
@@ -1678,7 +1684,7 @@ def experiment_boundary(lab: Lab, trials: int = 64):
             P = p[:, None].expand(-1, trials, -1).reshape(-1, 1, p.size(-1))
             Q = q[:, None].expand(-1, trials, -1).reshape(-1, 1, q.size(-1))
             d = sample(Q[:, 0], gen) if rule == "sample" else Q[:, 0].argmax(-1)
-            Q = Q if rule == "sample" else F.one_hot(d, q.size(-1)).float()[:, None]
+            Q = Q if rule == "sample" else one_hot(d, q.size(-1))[:, None]
             n, _ = rejection_sample(torch.cat([P, P], 1), Q, d[:, None], gen)
             wins[rule] = n.view(-1, trials).float().mean(1)
         actual = wins["sample"] > wins["greedy"]

@@ -12,6 +12,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bebop
 
@@ -522,6 +523,86 @@ def test_graphed_sampling_follows_the_callers_generator(drafted_model, where, mo
         assert not torch.equal(a.new_tokens, c.new_tokens)
 
 
+class GraphHazards(TorchDispatchMode):
+    """Records each op that would break a CUDA graph or make it silently wrong: reading a value back to
+    the host (.item(), int(t), `if t:`, a data-dependent shape such as nonzero or a boolean-mask index),
+    an op tagged unsafe for graphs, and a random draw not taken from the generator handed to the step
+    (a replay would not draw fresh numbers from it). Blind to .tolist() and .cpu() on a CPU tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tags = set(func.tags)
+        integer_index = func is torch.ops.aten.index.Tensor and all(
+            i is None or i.dtype != torch.bool for i in args[1])       # gathers by position: a fixed shape
+        if (torch.Tag.data_dependent_output in tags or torch.Tag.cudagraph_unsafe in tags
+                or (torch.Tag.dynamic_output_shape in tags and not integer_index)):
+            self.found.append(str(func))
+        schema = func._schema.arguments
+        named = ({a.name: a.default_value for a in schema if a.has_default_value()}
+                 | {a.name: v for a, v in zip(schema, args)} | kwargs)
+        random = torch.Tag.nondeterministic_seeded in tags and named.get("dropout_p", 1) > 0  # SDPA: no dropout
+        if random and named.get("generator") is None:
+            self.found.append(f"{func} without the step's generator")
+        return func(*args, **kwargs)
+
+
+def hazards_of_graphed_steps(monkeypatch, decode):
+    """Run decode() through the stand-in with every replayed step watched by GraphHazards."""
+    stand_in_graphs(monkeypatch)
+    found, replays = [], []
+
+    def capture(step, tensors, generator):
+        bebop.warm_up(step, tensors, generator)
+
+        def replay():
+            with GraphHazards() as watch:
+                step()
+            found.extend(watch.found)
+            replays.append(1)
+        return replay
+    monkeypatch.setattr(bebop, "capture_cuda_graph", capture)
+    decode()
+    assert replays, "no step was replayed"
+    return found
+
+
+@pytest.mark.parametrize("fn,kw", [
+    (bebop.generate, dict(temperature=1.0)),
+    (bebop.generate, dict(temperature=0.0, eos=3)),
+    (bebop.speculative_generate, dict(temperature=1.0, draft="sample", eos=3)),
+    (bebop.speculative_generate, dict(temperature=0.7, draft="greedy")),
+    (bebop.speculative_generate, dict(temperature=0.0, draft="sample", gamma=2)),
+])
+def test_a_decoding_step_never_waits_on_the_host(drafted_model, monkeypatch, fn, kw):
+    """What makes a step capturable, checked op by op on a CPU: no read-back to the host, no
+    data-dependent shape or branch, every random number from the step's own generator."""
+    decode = lambda: fn(drafted_model, RAGGED, 20, cuda_graphs=True, generator=torch.Generator().manual_seed(0), **kw)
+    assert hazards_of_graphed_steps(monkeypatch, decode) == []
+
+
+@pytest.mark.parametrize("plant,expected", [
+    (lambda s: s.done.all().item(), "_local_scalar_dense"),
+    (lambda s: 1 if s.done.any() else 0, "_local_scalar_dense"),     # a branch on a tensor's value
+    (lambda s: s.x[s.done], "aten.index.Tensor"),                     # a boolean-mask index
+    (lambda s: (s.tokens == 3).nonzero(), "aten.nonzero"),
+    (lambda s: torch.rand(1), "without the step's generator"),        # the global RNG
+    (lambda s: F.one_hot(s.x, 8), "_local_scalar_dense"),             # checks its ids on the host off CUDA
+])
+def test_the_host_wait_check_can_fail(drafted_model, monkeypatch, plant, expected):
+    real = bebop.plain_step
+
+    def planted(model, caches, s, *args, **kwargs):
+        real(model, caches, s, *args, **kwargs)
+        plant(s)
+    monkeypatch.setattr(bebop, "plain_step", planted)
+    found = hazards_of_graphed_steps(monkeypatch, lambda: bebop.generate(drafted_model, RAGGED, 20, cuda_graphs=True))
+    assert any(expected in f for f in found), found
+
+
 def test_static_decoders_capture_once_per_shape_and_follow_the_weights(drafted_model, monkeypatch):
     captures = stand_in_graphs(monkeypatch)
     model = copy.deepcopy(drafted_model)
@@ -567,6 +648,7 @@ def test_a_failed_capture_falls_back_to_eager_unless_graphs_were_insisted_on(dra
     assert torch.equal(auto.new_tokens, eager.new_tokens) and torch.equal(again.new_tokens, eager.new_tokens)
     with pytest.raises(RuntimeError, match="stream is capturing"):
         bebop.generate(drafted_model, RAGGED, 20, cuda_graphs=True)
+
 
 def test_cuda_graphs_are_refused_where_they_cannot_run(drafted_model):
     with pytest.raises(ValueError, match="needs a model on a CUDA device"):
