@@ -99,16 +99,17 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 WHERE = ["eager", "stand_in", pytest.param("cuda", marks=needs_cuda)]
 
 
-def stand_in_graphs(monkeypatch):
+def stand_in_graphs(monkeypatch, replay_of=lambda step: step):
     """CUDA graphs without a GPU: decoding goes through StaticDecoder (static caches and state reused
     across calls, the graph's own reseeded generator, the warm-up and its restore, the rebinding check),
-    and the 'replay' runs the captured step eagerly. Only the capture itself is not exercised."""
+    and the 'replay' runs the captured step eagerly (through replay_of(step), which may watch it). Only
+    the capture itself is not exercised."""
     captures = []
 
     def capture(step, tensors, generator):
         bebop.warm_up(step, tensors, generator)
         captures.append(step)
-        return step
+        return replay_of(step)
     monkeypatch.setattr(bebop, "cuda_graphs_supported", lambda device: True)
     monkeypatch.setattr(bebop, "capture_cuda_graph", capture)
     monkeypatch.setattr(bebop, "STATIC_DECODERS", weakref.WeakKeyDictionary())
@@ -552,19 +553,16 @@ class GraphHazards(TorchDispatchMode):
 
 def hazards_of_graphed_steps(monkeypatch, decode):
     """Run decode() through the stand-in with every replayed step watched by GraphHazards."""
-    stand_in_graphs(monkeypatch)
     found, replays = [], []
 
-    def capture(step, tensors, generator):
-        bebop.warm_up(step, tensors, generator)
-
+    def watched(step):
         def replay():
             with GraphHazards() as watch:
                 step()
             found.extend(watch.found)
             replays.append(1)
         return replay
-    monkeypatch.setattr(bebop, "capture_cuda_graph", capture)
+    stand_in_graphs(monkeypatch, watched)
     decode()
     assert replays, "no step was replayed"
     return found
