@@ -275,14 +275,20 @@ class GPT(nn.Module):
             out.append(g)
         return torch.stack(out, dim=1)
 
+    def mtp_features(self, idx, n_steps: int):
+        """(target logits (B, T, V) of the frozen backbone, the MTP layer's normed hidden states
+        (B, n_steps, T, C)): the draft logits are these times the shared head, detached."""
+        with torch.no_grad():
+            h = self.hidden(idx)
+            target_logits = self.head(h)
+        return target_logits, self.mtp.norm_f(self.mtp_hidden(idx, h, n_steps))
+
     def mtp_logits(self, idx, n_steps: int):
         """(target logits (B, T, V) of the frozen backbone, draft logits (B, n_steps, T, V)).
 
         Draft row [b, k-1, t] is q_k at anchor t; its target is the backbone's row at position t+k."""
-        with torch.no_grad():
-            h = self.hidden(idx)
-            target_logits = self.head(h)
-        return target_logits, self.mtp_head(self.mtp_hidden(idx, h, n_steps))
+        target_logits, x = self.mtp_features(idx, n_steps)
+        return target_logits, F.linear(x, self.lm_head.weight.detach())
 
 
 class Caches:
@@ -318,56 +324,93 @@ def mtp_step(model: GPT, caches: Caches, g, tokens, pos):
 # 3. Losses for the MTP layer. The target p (the backbone's own distribution) is always detached.
 
 
+def pack_bits(mask):
+    """(R, V) bool -> (R, ceil(V/8)) uint8, eight vocabulary entries a byte."""
+    m = F.pad(mask.to(torch.uint8), (0, -mask.size(-1) % 8)).view(mask.size(0), -1, 8)
+    return (m << torch.arange(8, dtype=torch.uint8, device=m.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(bits, V: int):
+    """Inverse of pack_bits: (R, ceil(V/8)) uint8 -> (R, V) bool."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits[..., None] >> shifts) & 1).flatten(-2)[:, :V].bool()
+
+
+def logits_of(x, weight, dtype):
+    """Logits of some rows in `dtype` (float32 or wider), autocast off so that forward and backward agree."""
+    with torch.autocast(x.device.type, enabled=False):
+        return x.to(dtype) if weight is None else x.to(dtype) @ weight.to(dtype).T
+
+
 class TVDistance(torch.autograd.Function):
     """Per-row d_TV(p, q) = 1 - sum_v min(p_v, q_v) with q = softmax(z), memory-lean (App. F).
 
-    Forward never keeps the softmax: it saves the inputs it was given, and per row only the
-    log-sum-exp and S = sum_v q_v 1[q_v <= p_v]. Backward recomputes q chunk by chunk and applies
-    the analytic gradient of Eq. 11, dL/dz = q (S - 1 + 1[q > p]) (bounded by q, Prop. 3).
-    Works for any vocabulary size; `chunk` rows are materialised at a time."""
+    z is the draft logits, or, given the head's weight W (V, C), z = x W^T for hidden states x (R, C):
+    then the full (R, V) logits never exist, only `chunk` rows of them at a time (the shared head's matmul
+    fused with the loss). Forward keeps no softmax and no target probabilities: per row the log-sum-exp,
+    S = sum_v q_v 1[q_v <= p_v] and a packed 1-bit mask of q > p (V/8 bytes). Backward recomputes q a
+    chunk at a time and applies the analytic gradient of Eq. 11, dL/dz = q (S - 1 + 1[q > p]), which is
+    bounded by q (Prop. 3)."""
 
     @staticmethod
-    def forward(ctx, z, p, chunk: int):
-        dtype = torch.promote_types(z.dtype, torch.float32)
-        tv = torch.empty(z.size(0), device=z.device, dtype=dtype)
+    def forward(ctx, x, weight, p, chunk: int):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        tv = torch.empty(x.size(0), device=x.device, dtype=dtype)
         lse, S = torch.empty_like(tv), torch.empty_like(tv)
-        for i in range(0, z.size(0), chunk):
-            zc, pc = z[i:i + chunk].to(dtype), p[i:i + chunk].to(dtype)
-            lse[i:i + chunk] = torch.logsumexp(zc, dim=-1)
-            q = torch.exp(zc - lse[i:i + chunk, None])
-            tv[i:i + chunk] = 1 - torch.minimum(pc, q).sum(-1)   # Eq. 10, one row at a time
-            S[i:i + chunk] = (q * (q <= pc)).sum(-1)
-        ctx.save_for_backward(z, p, lse, S)
-        ctx.chunk = chunk
+        bits = torch.empty(x.size(0), (p.size(-1) + 7) // 8, dtype=torch.uint8, device=x.device)
+        for i in range(0, x.size(0), chunk):
+            rows = slice(i, i + chunk)
+            z = logits_of(x[rows], weight, dtype)
+            pc = p[rows].to(dtype)
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            q = torch.exp(z - lse[rows, None])
+            tv[rows] = 1 - torch.minimum(pc, q).sum(-1)            # Eq. 10, one row at a time
+            above = q > pc
+            S[rows] = (q * ~above).sum(-1)
+            bits[rows] = pack_bits(above)
+        ctx.save_for_backward(x, weight, lse, S, bits)
+        ctx.chunk, ctx.V = chunk, p.size(-1)
         return tv
 
     @staticmethod
     def backward(ctx, grad_tv):
-        z, p, lse, S = ctx.saved_tensors
-        grad_z = torch.empty_like(z)
-        for i in range(0, z.size(0), ctx.chunk):
-            sl = slice(i, i + ctx.chunk)
-            q = torch.exp(z[sl].to(lse.dtype) - lse[sl, None])
-            g = q * (S[sl, None] - 1 + (q > p[sl].to(lse.dtype)).to(q.dtype))  # Eq. 11
-            grad_z[sl] = (grad_tv[sl, None] * g).to(z.dtype)
-        return grad_z, None, None
+        x, weight, lse, S, bits = ctx.saved_tensors
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros_like(weight) if weight is not None and ctx.needs_input_grad[1] else None
+        for i in range(0, x.size(0), ctx.chunk):
+            rows = slice(i, i + ctx.chunk)
+            z = logits_of(x[rows], weight, lse.dtype)
+            q = torch.exp(z - lse[rows, None])
+            g = grad_tv[rows, None] * q * (S[rows, None] - 1 + unpack_bits(bits[rows], ctx.V).to(q.dtype))  # Eq. 11
+            if weight is None:
+                grad_x[rows] = g.to(x.dtype)
+            else:
+                grad_x[rows] = (g @ weight.to(g.dtype)).to(x.dtype)
+                if grad_w is not None:
+                    grad_w += (g.T @ x[rows].to(g.dtype)).to(weight.dtype)
+        return grad_x, grad_w, None, None
 
 
-def tv_distance(draft_logits, target_probs, chunk: int = 4096):
-    """d_TV(p, softmax(draft_logits)) over the last axis, (..., V) -> (...). p gets no gradient."""
-    V = draft_logits.size(-1)
-    tv = TVDistance.apply(draft_logits.reshape(-1, V), target_probs.detach().reshape(-1, V), chunk)
-    return tv.view(draft_logits.shape[:-1])
+def tv_distance(draft, target_probs, head_weight=None, chunk: int = None):
+    """d_TV(p, softmax(z)) over the last axis, (..., V) -> (...); p gets no gradient. draft is the logits
+    z, or hidden states x (..., C) with head_weight W (V, C) and z = x W^T, fused chunk by chunk. chunk:
+    rows materialised at a time (default: about 1M logits, 4 MB in float32)."""
+    V = target_probs.size(-1)
+    chunk = chunk or max(1, 2**20 // V)
+    tv = TVDistance.apply(draft.reshape(-1, draft.size(-1)), head_weight, target_probs.detach().reshape(-1, V), chunk)
+    return tv.view(draft.shape[:-1])
 
 
-def e2e_tv_loss(draft_logits, target_probs, mask=None):
+def e2e_tv_loss(draft, target_probs, mask=None, head_weight=None):
     """End-to-end TV loss, Eq. 13: 1 - (1/gamma) sum_j prod_{i<=j} (1 - d_TV(p_i, q_i)), averaged.
 
-    draft_logits, target_probs (N, gamma, V): one chain of gamma steps per row. mask (N, gamma) marks
-    the steps that exist; it must be a prefix per row (a chain that runs past the end just stops), and
-    a chain with k valid steps is normalised by k. No stop-gradient inside the products: earlier steps
-    get more weight by themselves, because they sit in every later product."""
-    alpha = 1 - tv_distance(draft_logits, target_probs)               # per-step acceptance, Eq. 2
+    draft (logits, or hidden states with head_weight, see tv_distance), target_probs (N, gamma, V): one
+    chain of gamma steps per row. mask (N, gamma) marks the steps that exist; it must be a prefix per row.
+    A chain cut short by the end of its sequence (k < gamma valid steps) is normalised by its own length
+    k, not by gamma, so that it still means one minus a normalised expected acceptance length. No
+    stop-gradient inside the products: earlier steps get more weight by themselves, because they sit in
+    every later product."""
+    alpha = 1 - tv_distance(draft, target_probs, head_weight)         # per-step acceptance, Eq. 2
     if mask is None:
         mask = torch.ones_like(alpha, dtype=torch.bool)
     alpha = torch.where(mask, alpha, torch.ones_like(alpha))
@@ -380,26 +423,30 @@ def e2e_tv_loss(draft_logits, target_probs, mask=None):
 MTP_LOSSES = ("ce", "kl", "rkl", "tv", "e2e_tv")
 
 
-def mtp_loss(kind: str, draft_logits, target_logits, labels, mask):
-    """One of the paper's MTP objectives on chains laid out (N, K, V), targets detached.
+def mtp_loss(kind: str, draft, target_logits, labels, mask, head_weight=None):
+    """One of the paper's MTP objectives on chains laid out (N, K, ...), targets detached.
 
-    ce: cross-entropy on the data's tokens (hard labels); kl: forward KL(p || q); rkl: reverse KL(q || p);
-    tv: per-step TV (Eq. 10); e2e_tv: end-to-end TV (Eq. 13). mask (N, K) is a prefix per chain."""
+    ce: cross-entropy on the sequences' tokens (hard labels); kl: forward KL(p || q); rkl: reverse KL(q || p);
+    tv: per-step TV (Eq. 10); e2e_tv: end-to-end TV (Eq. 13). mask (N, K) is a prefix per chain. draft is
+    the draft logits (N, K, V), or hidden states (N, K, C) with the head's weight (V, C): the TV losses
+    then never materialise the full logits (memory-lean, App. F), the others compute them."""
     if kind not in MTP_LOSSES:
         raise ValueError(f"unknown MTP loss {kind!r}; choose one of {MTP_LOSSES}")
     target_logp = F.log_softmax(target_logits.detach().float(), dim=-1)
     if kind == "e2e_tv":
-        return e2e_tv_loss(draft_logits, target_logp.exp(), mask)
+        return e2e_tv_loss(draft, target_logp.exp(), mask, head_weight)
     if kind == "tv":
-        per = tv_distance(draft_logits, target_logp.exp())
-    elif kind == "ce":
-        per = F.cross_entropy(draft_logits.flatten(0, -2).float(), labels.flatten(), reduction="none").view(labels.shape)
+        per = tv_distance(draft, target_logp.exp(), head_weight)
     else:
-        draft_logq = F.log_softmax(draft_logits.float(), dim=-1)
-        if kind == "kl":
-            per = (target_logp.exp() * (target_logp - draft_logq)).sum(-1)
+        logits = draft if head_weight is None else F.linear(draft, head_weight)
+        if kind == "ce":
+            per = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), reduction="none").view(labels.shape)
         else:
-            per = (draft_logq.exp() * (draft_logq - target_logp)).sum(-1)
+            draft_logq = F.log_softmax(logits.float(), dim=-1)
+            if kind == "kl":
+                per = (target_logp.exp() * (target_logp - draft_logq)).sum(-1)
+            else:
+                per = (draft_logq.exp() * (draft_logq - target_logp)).sum(-1)
     return (per * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -679,7 +726,9 @@ def speculative_prefill(model: GPT, caches: Caches, idx, lengths, max_new_tokens
     s.g1 = mtp_step(model, caches, h, nxt, torch.arange(P, device=idx.device).expand(B, P))[rows, lengths - 1]
     s.L = lengths.clone()                                                   # position of x_L
     s.count = torch.ones(B, dtype=torch.long, device=idx.device)           # tokens emitted so far per row
-    s.histogram = torch.zeros(gamma + 1, dtype=torch.long, device=idx.device)
+    s.histogram = torch.zeros(gamma + 1, dtype=torch.long, device=idx.device)  # kept tokens - 1 per row-round
+    s.reached = torch.zeros(gamma, dtype=torch.long, device=idx.device)        # per draft step: kept if accepted
+    s.accepted = torch.zeros(gamma, dtype=torch.long, device=idx.device)       # ... and accepted
     s.rounds = torch.zeros((), dtype=torch.long, device=idx.device)
     return s
 
@@ -713,28 +762,36 @@ def speculative_round(model: GPT, caches: Caches, s, gamma: int, temperature: fl
     valid = active[:, None] & (ahead[None, :] <= n[:, None])
     s.tokens.scatter_(1, write, torch.where(valid, tokens, s.tokens.gather(1, write)))
     s.logprobs.scatter_(1, write, torch.where(valid, lp, s.logprobs.gather(1, write)))
+    # Statistics count only the tokens a row keeps: slots up to and including its end mark, below
+    # max_new_tokens. Drafts verified after an accepted end mark are easy (the policy predicts padding
+    # there) and would inflate acceptance; slots past the cap are drawn but thrown away.
+    is_end = valid & (tokens == eos) if eos is not None else torch.zeros_like(valid)
+    before_end = (is_end.long().cumsum(1) - is_end.long()) == 0                     # no end mark before
+    kept = valid & before_end & (s.count[:, None] + ahead < max_new_tokens)       # (B, gamma+1)
+    n_kept = kept.sum(1)                                                           # >= 1 for active rows
+    s.histogram += ((n_kept[:, None] - 1 == ahead) & active[:, None]).sum(0)
+    s.reached += kept[:, :gamma].sum(0)                       # draft j reached and its slot would be kept
+    s.accepted += (kept[:, :gamma] & (ahead[:gamma] < n[:, None])).sum(0)
     # Advance each active row by its own n+1 (rolling back the rest); finished rows stay parked inside
     # the cache, so an idle round never writes out of bounds.
     s.count += torch.where(active, n + 1, 0)
     s.L.copy_(torch.where(active, torch.clamp(s.L + n + 1, max=caches.S - gamma - 1), s.L))
     s.x.copy_(torch.where(active, tokens[rows, n], s.x))
-    # Every acceptance statistic follows from how many active rows accepted exactly i drafts (i = 0..gamma).
-    s.histogram += ((n[:, None] == ahead) & active[:, None]).sum(0)
     s.rounds += active.any()
-    s.done |= s.count >= max_new_tokens
-    if eos is not None:
-        s.done |= (valid & (tokens == eos)).any(1)
+    s.done |= (s.count >= max_new_tokens) | is_end.any(1)
 
 
-def acceptance_stats(histogram):
-    """From histogram[i] = row-rounds that accepted exactly i drafts: per draft step j the acceptance
-    alpha_j, conditional on reaching it (draft j is reached when n >= j-1, accepted when n >= j), the
-    mean tokens per row-round (accepted drafts + 1), and how often each draft step was reached."""
-    at_least = list(itertools.accumulate(reversed(histogram)))[::-1]   # row-rounds with n >= i
-    reached, accepted = at_least[:-1], at_least[1:]
-    emitted = sum((i + 1) * h for i, h in enumerate(histogram))
-    return dict(acceptance=[a / max(r, 1) for a, r in zip(accepted, reached)],
-                accept_length=emitted / max(at_least[0], 1), drafts_reached=reached, accept_histogram=histogram)
+def acceptance_stats(histogram, reached, accepted):
+    """Acceptance statistics over the tokens rows keep. histogram[i]: row-rounds that kept i+1 tokens;
+    reached[j-1] / accepted[j-1]: row-rounds whose draft j was verified / accepted, counted only where
+    its token would be kept. Returns alpha_j = accepted / reached (conditional on reaching step j; NaN for
+    a step never reached) and accept_length, the mean tokens a row keeps per round (drafts + the
+    correction or bonus), i.e. tokens per target forward."""
+    rounds = sum(histogram)
+    kept = sum((i + 1) * h for i, h in enumerate(histogram))
+    return dict(acceptance=[a / r if r else math.nan for a, r in zip(accepted, reached)],
+                accept_length=kept / rounds if rounds else math.nan, drafts_reached=list(reached),
+                drafts_accepted=list(accepted), accept_histogram=list(histogram))
 
 
 @torch.no_grad()
@@ -764,7 +821,7 @@ def speculative_generate(model: GPT, prompt, max_new_tokens: int, *, gamma: int 
     # Every active row gains at least one token per round, so max_new_tokens - 1 rounds always suffice.
     s = decoding_loop(model, key, B, P + max_new_tokens + gamma, prefill, step, generator, max_new_tokens - 1,
                       False if trace is not None else cuda_graphs)
-    stats = acceptance_stats(s.histogram.tolist())
+    stats = acceptance_stats(s.histogram.tolist(), s.reached.tolist(), s.accepted.tolist())
     stats.update(target_forwards=int(s.rounds) + 1, rounds=int(s.rounds))
     # Copies: with CUDA graphs the state is reused by the next call of this shape.
     return finish(idx, lengths, ragged, s.tokens[:, :max_new_tokens].clone(), s.logprobs[:, :max_new_tokens].clone(),
@@ -1024,9 +1081,11 @@ def sft_loss(model: GPT, seq, lengths):
 
 def mtp_training_loss(model: GPT, kind: str, seq, lengths, n_steps: int):
     """MTP loss teacher-forced on sequences; the backbone is frozen (no gradient reaches it)."""
-    target_logits, draft_logits = model.mtp_logits(seq, n_steps)
-    draft, target, labels, mask = mtp_chain_targets(seq, lengths, target_logits, draft_logits)
-    return mtp_loss(kind, draft, target, labels, mask)
+    target_logits, x = model.mtp_features(seq, n_steps)
+    draft, target, labels, mask = mtp_chain_targets(seq, lengths, target_logits, x)
+    # The shared head is applied inside the loss (the TV losses fuse it, never holding all the logits);
+    # detached, so that the MTP loss reaches only the MTP weights.
+    return mtp_loss(kind, draft, target, labels, mask, head_weight=model.lm_head.weight.detach())
 
 
 def group_advantages(rewards, group_size: int, eps: float = 1e-6):
@@ -1041,8 +1100,10 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2, kl_coef: 
 
     logp (B, T) from the trainer's forward; old_logp (B, T) straight from the rollout (no extra
     forward); optional k3 estimate of KL(pi || pi_ref) to a frozen reference."""
-    # With one update per batch of rollouts the ratio starts at exactly 1 (exact sampling: the rollout's
-    # log-probs are the policy's), so the gradient is A * grad log p; clipping bites on stale rollouts.
+    # With one update per batch of rollouts and fp32 rollout weights, the ratio starts at 1 up to float
+    # rounding (exact sampling: the rollout's log-probs are the policy's), so the gradient is A * grad log p.
+    # With bf16 rollout weights (or bf16 autocast in the trainer) the two forwards round differently and
+    # the ratio starts near 1, not at it: the clip then also bounds that precision mismatch.
     ratio = torch.exp(logp - old_logp)
     A = advantages[:, None]
     surrogate = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
@@ -1089,9 +1150,10 @@ def refresh_rollout_weights(rollout_model: GPT, model: GPT):
             dst.copy_(src)
 
 
-def policy_logprobs(model: GPT, tokens, prompt_len: int):
-    """Trainer-side log p and entropy of every generated token: (logp (B, T_new), entropy (B, T_new))."""
-    logits = model(tokens[:, :-1])[:, prompt_len - 1:].float()
+def policy_logprobs(model: GPT, tokens, prompt_len: int, temperature: float = 1.0):
+    """Trainer-side log p and entropy of every generated token at the sampling temperature, the law the
+    rollouts were drawn from: (logp (B, T_new), entropy (B, T_new))."""
+    logits = model(tokens[:, :-1])[:, prompt_len - 1:].float() / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, tokens[:, prompt_len:, None]).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -1109,6 +1171,7 @@ class TrainConfig:
     mtp_steps: int = 400
     mtp_lr: float = 3e-3
     mtp_loss: str = "e2e_tv"     # the paper's headline objective (Eq. 13)
+    mtp_data: str = "policy"     # "policy": the frozen policy's own samples (paper's RFT data); "sft": SFT data
     mtp_ce_warmup: float = 0.5   # first fraction of MTP steps on CE: real MTP heads come CE-pretrained,
                                  # and TV alone cannot learn a token the head gives no mass (grad ~ q)
     rl_steps: int = 100
@@ -1117,6 +1180,7 @@ class TrainConfig:
     group_size: int = 16
     clip_eps: float = 0.2
     kl_coef: float = 0.0
+    temperature: float = 1.0     # sampling temperature of the rollouts; the trainer's log-probs use the same
     gamma: int = 3               # drafted tokens per round at rollout time (paper: 3)
     rollout: str = "spec"        # "spec" (MTP speculative, RS) or "ar" (plain)
     draft: str = "sample"        # "sample" = rejection sampling (RS), "greedy" = target-only (TO)
@@ -1230,13 +1294,13 @@ class Run:
             self.log_file.write(json.dumps(dict(stage=stage, step=step, **metrics)) + "\n")
             self.log_file.flush()
 
-    def save(self, stage, step, done, model, optimizer, generators, extra=None):
+    def save(self, stage, step, done, model, optimizers, generators, extra=None):
         """Every rank takes part (each has its own random streams); rank 0 writes."""
         rng = gather_objects(dict(generators=[g.get_state() for g in generators], torch=torch.get_rng_state()),
                              self.world)
         if self.world.master:
             atomic_save(dict(stage=stage, step=step, done=done, model=model.state_dict(),
-                             optimizer=optimizer.state_dict(), rng=rng, world_size=self.world.world_size,
+                             optimizers=[o.state_dict() for o in optimizers], rng=rng, world_size=self.world.world_size,
                              train=asdict(self.train), model_config=asdict(self.model_cfg), extra=extra or {}),
                         self.path(stage))
 
@@ -1269,7 +1333,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, truncated, or from another configuration."""
 
 
-def run_stage(run: Run, stage: str, steps: int, step_fn, model, optimizer, generators, describe, extra=None):
+def run_stage(run: Run, stage: str, steps: int, step_fn, model, optimizers, generators, describe, extra=None):
     """The loop every stage shares: resume, tqdm bar, JSON log, periodic and Ctrl-C checkpoints.
 
     step_fn(step) does one optimisation step and returns a dict of (already rank-reduced) numbers to
@@ -1279,7 +1343,8 @@ def run_stage(run: Run, stage: str, steps: int, step_fn, model, optimizer, gener
     ckpt = run.load(stage)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        for optimizer, state in zip(optimizers, ckpt["optimizers"]):
+            optimizer.load_state_dict(state)
         rng = ckpt["rng"][run.world.rank]
         for g, state in zip(generators, rng["generators"]):
             g.set_state(state)
@@ -1305,15 +1370,15 @@ def run_stage(run: Run, stage: str, steps: int, step_fn, model, optimizer, gener
             run.log(stage, step, **metrics)
             bar.set_postfix_str(describe(metrics), refresh=False)
             if all_reduce([float(bool(interrupted))], run.world, op="sum")[0] > 0:
-                run.save(stage, step + 1, False, model, optimizer, generators, extra)
+                run.save(stage, step + 1, False, model, optimizers, generators, extra)
                 bar.close()
                 raise KeyboardInterrupt(f"saved {run.path(stage)} at step {step + 1}; continue with --resume")
             if (step + 1) % run.train.ckpt_every == 0 and step + 1 < steps:
-                run.save(stage, step + 1, False, model, optimizer, generators, extra)
+                run.save(stage, step + 1, False, model, optimizers, generators, extra)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    run.save(stage, steps, True, model, optimizer, generators, extra)
+    run.save(stage, steps, True, model, optimizers, generators, extra)
 
 
 def is_main_thread():
@@ -1322,14 +1387,15 @@ def is_main_thread():
 
 
 @torch.no_grad()
-def evaluate(model: GPT, task: DigitSumTask, prompts, seed: int, gamma: int, cuda_graphs=None):
-    """Mean reward and exact accuracy on a fixed prompt set, sampling at temperature 1 (the policy)."""
+def evaluate(model: GPT, task: DigitSumTask, prompts, seed: int, gamma: int, cuda_graphs=None,
+             temperature: float = 1.0):
+    """Mean reward and exact accuracy on a fixed prompt set, sampling at the RL temperature."""
     idx, S, N = prompts
     was_training = model.training
     model.eval()
     gen = torch.Generator(idx.device).manual_seed(seed)
     roll = speculative_generate(model, idx, task.max_new_tokens, gamma=gamma, generator=gen, eos=EOS,
-                                cuda_graphs=cuda_graphs)
+                                temperature=temperature, cuda_graphs=cuda_graphs)
     model.train(was_training)
     r, acc = task.reward(roll.new_tokens, S, N)
     return r.mean().item(), acc.float().mean().item()
@@ -1389,33 +1455,71 @@ def train_sft(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
         return dict(loss=all_reduce([loss.item()], world)[0])
 
     model.train()
-    run_stage(run, "sft", tc.sft_steps, step_fn, model, opt, [gen_data], lambda m: f"loss {m['loss']:.3f}")
+    run_stage(run, "sft", tc.sft_steps, step_fn, model, [opt], [gen_data], lambda m: f"loss {m['loss']:.3f}")
 
 
-def train_mtp(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
+@torch.no_grad()
+def policy_samples(model: GPT, task: DigitSumTask, n: int, generator, batch: int = 1024):
+    """n sequences [prompt, answer, padding] written by the policy itself at temperature 1, laid out like
+    task.sft_batch: the paper's "RFT data". On its own samples a hard-label CE target is a draw from p,
+    so CE estimates the same target as forward KL; on SFT data it would learn the data's law instead."""
+    was_training = model.training
+    model.eval()
+    seqs, lengths = [], []
+    for i in range(0, n, batch):
+        idx, _, _ = task.prompts(min(batch, n - i), generator)
+        gen = torch.Generator(model.lm_head.weight.device).manual_seed(int(torch.randint(2**62, (), generator=generator)))
+        out = generate(model, idx.to(model.lm_head.weight.device), task.max_new_tokens, generator=gen, eos=EOS)
+        seqs.append(torch.cat([idx, out.new_tokens.cpu()], 1))
+        lengths.append(PROMPT_LEN + out.mask.sum(1).cpu())
+    model.train(was_training)
+    return torch.cat(seqs), torch.cat(lengths)
+
+
+def train_mtp(run: Run, model: GPT, task: DigitSumTask, gen_data, device, data=None, until=None):
     """Pre-RL MTP training: the backbone is frozen, the MTP layer learns to match its own law.
 
-    As in the paper, the chosen objective is a pass over a head that was first trained with CE (the
-    way real MTP heads come out of pretraining): TV's gradient q (S - 1 + 1[q > p]) vanishes on tokens
-    the head gives no mass, so a cold-started TV head never learns a rare but certain token (here the
-    end mark). The first mtp_ce_warmup of the steps are CE; set it to 0 for a cold start."""
+    Data (mtp_data): "policy" (default, the paper's) is one epoch over mtp_steps x batch_size sequences
+    the frozen policy wrote itself (`data`, a function returning them, may hand in one set that several
+    heads share); "sft" draws fresh SFT examples, whose law is not the policy's. `until` stops after that
+    many steps (the schedule still spans mtp_steps), so heads can share their CE warm-up. As in the paper, the chosen objective is a
+    pass over a head that was first trained with CE (the way real MTP heads come out of pretraining):
+    TV's gradient q (S - 1 + 1[q > p]) vanishes on tokens the head gives no mass, so a cold-started TV
+    head never learns a rare but certain token (here the end mark). The first mtp_ce_warmup of the steps
+    are CE; set it to 0 for a cold start."""
     tc, world, K = run.train, run.world, model.config.mtp_train_steps
     params = list(model.mtp.parameters())
     opt = torch.optim.AdamW(params, lr=tc.mtp_lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup_steps = int(tc.mtp_ce_warmup * tc.mtp_steps)
+    B = tc.batch_size // world.world_size
+    pool = {}
+
+    def batch(step):
+        if tc.mtp_data == "sft":
+            return task.sft_batch(B, gen_data)
+        if "data" not in pool:   # made on first use (a resumed run regenerates the same set), then shuffled
+            g = torch.Generator().manual_seed(tc.seed + 2 + 1000 * world.rank)
+            seq, lengths = data() if data is not None else policy_samples(model, task, tc.mtp_steps * B, g)
+            if seq.size(0) < tc.mtp_steps * B:
+                raise ValueError(f"MTP data has {seq.size(0)} sequences; {tc.mtp_steps} steps x {B} need more")
+            order = torch.randperm(seq.size(0), generator=g)[:tc.mtp_steps * B]
+            pool["data"] = seq[order], lengths[order]
+        seq, lengths = pool["data"]
+        return seq[step * B:(step + 1) * B], lengths[step * B:(step + 1) * B]
 
     def step_fn(step):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc.mtp_steps, tc.mtp_lr, warmup=min(50, tc.mtp_steps // 10 + 1))
         kind = "ce" if step < warmup_steps else tc.mtp_loss
-        seq, lengths = task.sft_batch(tc.batch_size // world.world_size, gen_data)
+        seq, lengths = batch(step)
         with autocast(tc, device):
             loss = mtp_training_loss(model, kind, seq.to(device), lengths.to(device), K)
         optimizer_step(loss, opt, params, world, tc.grad_clip)
         return dict(loss=all_reduce([loss.item()], world)[0], objective=kind)
 
     model.train()
-    run_stage(run, "mtp", tc.mtp_steps, step_fn, model, opt, [gen_data], lambda m: f"{m['objective']} {m['loss']:.3f}")
+    run_stage(run, "mtp", until or tc.mtp_steps, step_fn, model, [opt], [gen_data],
+              lambda m: f"{m['objective']} {m['loss']:.3f}")
 
 
 def rollout(model: GPT, tc: TrainConfig, idx, max_new_tokens: int, generator):
@@ -1423,9 +1527,10 @@ def rollout(model: GPT, tc: TrainConfig, idx, max_new_tokens: int, generator):
     model.eval()
     graphs = graph_mode(tc)
     if tc.rollout == "spec":
-        return speculative_generate(model, idx, max_new_tokens, gamma=tc.gamma, draft=tc.draft,
+        return speculative_generate(model, idx, max_new_tokens, gamma=tc.gamma, draft=tc.draft, temperature=tc.temperature,
                                     generator=generator, eos=EOS, cuda_graphs=graphs)
-    return generate(model, idx, max_new_tokens, generator=generator, eos=EOS, cuda_graphs=graphs)
+    return generate(model, idx, max_new_tokens, temperature=tc.temperature, generator=generator, eos=EOS,
+                    cuda_graphs=graphs)
 
 
 def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, device, extra):
@@ -1434,7 +1539,8 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
     params = backbone_parameters(model)
     opt = torch.optim.AdamW(params, lr=tc.rl_lr, betas=(0.9, 0.95), weight_decay=0.0)
     mtp_params = list(model.mtp.parameters())
-    mtp_opt = torch.optim.AdamW(mtp_params, lr=tc.mtp_online_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    mtp_opt = [] if tc.mtp_online == "none" else [   # paper 5.3: own optimizer, learning rate and clipping
+        torch.optim.AdamW(mtp_params, lr=tc.mtp_online_lr, betas=(0.9, 0.95), weight_decay=0.0)]
     policy = rollout_weights(model, tc.precision)   # what rollouts run on (model itself in fp32)
     ref = None
     if tc.kl_coef > 0:
@@ -1457,15 +1563,16 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
 
         model.train()
         with autocast(tc, device):
-            logp, entropy = policy_logprobs(model, roll.tokens, PROMPT_LEN)
-            ref_logp = policy_logprobs(ref, roll.tokens, PROMPT_LEN)[0].detach() if ref is not None else None
+            logp, entropy = policy_logprobs(model, roll.tokens, PROMPT_LEN, tc.temperature)
+            ref_logp = (policy_logprobs(ref, roll.tokens, PROMPT_LEN, tc.temperature)[0].detach()
+                        if ref is not None else None)
         loss = grpo_loss(logp, roll.logprobs, advantages, roll.mask, tc.clip_eps, tc.kl_coef, ref_logp)
         optimizer_step(loss, opt, params, world, tc.grad_clip)
-        if tc.mtp_online != "none":  # paper 5.3: own optimizer, learning rate and clipping
+        if mtp_opt:
             lengths = PROMPT_LEN + roll.mask.sum(1)
             with autocast(tc, device):
                 mtp_l = mtp_training_loss(model, tc.mtp_online, roll.tokens, lengths, model.config.mtp_train_steps)
-            optimizer_step(mtp_l, mtp_opt, mtp_params, world, tc.grad_clip)
+            optimizer_step(mtp_l, mtp_opt[0], mtp_params, world, tc.grad_clip)
 
         # Log what a user watches, reduced over ranks: means of per-rank means (equal batch sizes), sums
         # for throughput and draft counts, acceptance recomputed from the pooled counts.
@@ -1473,15 +1580,18 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
         loss_value = loss.item()                   # waits for the update: the step ends here
         step_s = time.perf_counter() - t_step
         means = all_reduce([loss_value, rewards.mean().item(), correct.float().mean().item(),
-                            ((entropy.detach() * mask).sum() / mask.sum()).item(), roll.stats["accept_length"],
-                            rollout_s, step_s], world)
+                            ((entropy.detach() * mask).sum() / mask.sum()).item(), rollout_s, step_s], world)
         gamma = tc.gamma if tc.rollout == "spec" else 0
-        reached = roll.stats.get("drafts_reached", [])
-        accepted = [a * r for a, r in zip(roll.stats.get("acceptance", []), reached)]
-        sums = all_reduce([mask.sum().item() / rollout_s] + reached + accepted, world, op="sum")
-        metrics = dict(loss=means[0], reward=means[1], accuracy=means[2], entropy=means[3], accept_length=means[4],
-                       rollout_s=means[5], step_s=means[6], tokens_per_s=sums[0], drafts_reached=sums[1:1 + gamma],
-                       acceptance=[a / max(r, 1) for a, r in zip(sums[1 + gamma:], sums[1:1 + gamma])] or None)
+        hist = roll.stats.get("accept_histogram", [])
+        reached, accepted = roll.stats.get("drafts_reached", []), roll.stats.get("drafts_accepted", [])
+        # Kept tokens after the prefill's first, and the row-rounds (target forwards per row) they took.
+        kept, row_rounds = sum((i + 1) * h for i, h in enumerate(hist)), sum(hist)
+        sums = all_reduce([mask.sum().item() / rollout_s, kept, row_rounds] + reached + accepted, world, op="sum")
+        metrics = dict(loss=means[0], reward=means[1], accuracy=means[2], entropy=means[3], rollout_s=means[4],
+                       step_s=means[5], tokens_per_s=sums[0], kept_tokens=sums[1], row_rounds=sums[2],
+                       accept_length=sums[1] / sums[2] if sums[2] else 1.0,
+                       drafts_reached=sums[3:3 + gamma], drafts_accepted=sums[3 + gamma:],
+                       acceptance=[a / max(r, 1) for a, r in zip(sums[3 + gamma:], sums[3:3 + gamma])] or None)
         extra["recent"] = (extra.get("recent", []) + [metrics])[-10:]
         return metrics
 
@@ -1490,17 +1600,18 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
         return (f"reward {m['reward']:.3f} acc {m['accuracy']:.2f} H {m['entropy']:.2f}{acc} "
                 f"len {m['accept_length']:.2f} {m['tokens_per_s']:.0f} tok/s")
 
-    run_stage(run, "grpo", tc.rl_steps, step_fn, model, opt, [gen_data, gen_roll], describe, extra)
+    # The MTP optimizer's state is checkpointed too: a resumed online run continues exactly.
+    run_stage(run, "grpo", tc.rl_steps, step_fn, model, [opt] + mtp_opt, [gen_data, gen_roll], describe, extra)
 
 
 def recent_acceptance(recent):
-    """Per-step acceptance alpha_j pooled over the last RL steps (weighted by drafts reached)."""
+    """Per-step acceptance alpha_j pooled over the last RL steps (accepted over reached, kept tokens only)."""
     recent = [m for m in recent if m["acceptance"] is not None]
     if not recent:
         return None
-    reached = torch.tensor([m["drafts_reached"] for m in recent])
-    accepted = reached * torch.tensor([m["acceptance"] for m in recent])
-    return (accepted.sum(0) / reached.sum(0).clamp(min=1)).tolist()
+    reached = torch.tensor([m["drafts_reached"] for m in recent]).sum(0)
+    accepted = torch.tensor([m["drafts_accepted"] for m in recent]).sum(0)
+    return (accepted / reached.clamp(min=1)).tolist()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1520,22 +1631,58 @@ def fit_slope(x, y):
 
 
 @torch.no_grad()
-def token_acceptance(model: GPT, tokens, mask, temperature: float = 1.0):
-    """Per drafted position of some rollouts, teacher-forced at depth 1 (which equals what decoding
-    sees, as the draft-consistency test proves): target law p and draft law q at the temperature,
-    H(p), RS acceptance sum_v min(p, q) (Eq. 2) and TO acceptance p(argmax q) (Eq. 1)."""
+def teacher_forced_acceptance(model: GPT, tokens, mask, depth: int, temperature: float = 1.0):
+    """Expected acceptance of every drafted position of some sequences, teacher-forced, no sampling noise.
+
+    For each anchor of the answers (prompt length PROMPT_LEN, `mask` marks the kept new tokens) and draft
+    depth k = 1..depth: target law p and draft law q at the temperature, H(p), the RS acceptance
+    sum_v min(p, q) = 1 - d_TV (Eq. 2) and the TO acceptance p(argmax q) (Eq. 1), each (N, depth), and
+    `valid` (N, depth) for steps whose target is a kept token. Depth 1 equals what decoding sees (the
+    draft-consistency test proves it); deeper, q conditions on the sequence's own next tokens, as Eq. 12
+    and the e2e TV loss assume."""
     lengths = PROMPT_LEN + mask.sum(1)
-    target_logits, draft_logits = model.mtp_logits(tokens, 1)
-    draft, target, _, _ = mtp_chain_targets(tokens, lengths, target_logits, draft_logits)
-    p, q = probs_from_logits(target[:, 0], temperature), probs_from_logits(draft[:, 0], temperature)
+    target_logits, draft_logits = model.mtp_logits(tokens, depth)
+    draft, target, _, valid = mtp_chain_targets(tokens, lengths, target_logits, draft_logits)
+    p, q = probs_from_logits(target, temperature), probs_from_logits(draft, temperature)
     entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)
     rs = torch.minimum(p, q).sum(-1)
     to = p.gather(-1, q.argmax(-1, keepdim=True)).squeeze(-1)
-    return dict(p=p, q=q, entropy=entropy, rs=rs, to=to)
+    return dict(p=p, q=q, entropy=entropy, rs=rs, to=to, valid=valid)
+
+
+def per_depth(values, valid):
+    """Mean over the valid steps of each depth: (N, depth) -> list of depth floats."""
+    return ((values * valid).sum(0) / valid.sum(0).clamp(min=1)).tolist()
+
+
+def tokens_per_forward(alphas):
+    """Eq. 12: 1 + sum_j prod_{i<=j} alpha_i, the expected tokens per target forward (bonus included)."""
+    return 1 + sum(itertools.accumulate(alphas, lambda a, b: a * b))
+
+
+def mean_std(values):
+    """(mean, sample standard deviation) of a list of numbers; std 0 for one value."""
+    v = torch.tensor(values, dtype=torch.float64)
+    return v.mean().item(), (v.std().item() if len(values) > 1 else 0.0)
+
+
+def rank_with_ties(stats):
+    """Order names by mean, best first; '>' only where the gap exceeds the two spreads added, else '~'.
+    stats: {name: (mean, std)}."""
+    names = sorted(stats, key=lambda k: -stats[k][0])
+    text = names[0]
+    for a, b in zip(names, names[1:]):
+        gap, spread = stats[a][0] - stats[b][0], stats[a][1] + stats[b][1]
+        text += (" > " if gap > spread else " ~ ") + b
+    return text
+
+
+SEEDS = (0, 1, 2)   # MTP-training seeds (head initialisation and data order) of the experiments' heads
 
 
 class Lab:
-    """What the experiments share: the task, the SFT policy, the MTP heads trained with each loss."""
+    """What the experiments share: the task, the SFT policy, one set of the policy's own samples to train
+    MTP heads on, held-out contexts to measure them on, and the heads trained with each loss and seed."""
 
     def __init__(self, args):
         self.tc, self.task, self.cfg, self.device, _ = configure(args)
@@ -1546,52 +1693,112 @@ class Lab:
                   torch.Generator().manual_seed(self.tc.seed), self.device)
         self.sft_state = {k: v.clone() for k, v in model.state_dict().items()}
         self.held_out = held_out_prompts(self.task, self.tc, self.device)
+        # Fixed held-out contexts: the SFT policy's own answers to the held-out prompts, at temperature 1.
+        gen = torch.Generator(self.device).manual_seed(self.tc.seed + 7)
+        ctx = generate(model.eval(), self.held_out[0], self.task.max_new_tokens, generator=gen, eos=EOS)
+        self.contexts = (ctx.tokens, ctx.mask)
+        self.data = None   # the MTP training set, made when a head first needs training
         self.heads = {}
 
-    def policy_with_head(self, loss: str) -> GPT:
-        """The SFT policy with an MTP layer trained by `loss` (same budget and seed for every loss)."""
-        if loss not in self.heads:
+    def mtp_data(self):
+        if self.data is None:
             model = GPT(self.cfg).to(self.device)
             model.load_state_dict(self.sft_state)
-            tc = TrainConfig(**{**asdict(self.tc), "mtp_loss": loss})
-            run = Run(os.path.join(self.out, f"exp_mtp_{loss}"), tc, self.cfg, resume=True)
-            train_mtp(run, model, self.task, torch.Generator().manual_seed(self.tc.seed), self.device)
-            self.heads[loss] = {k: v.clone() for k, v in model.state_dict().items()}
+            g = torch.Generator().manual_seed(self.tc.seed + 2)
+            self.data = policy_samples(model, self.task, self.tc.mtp_steps * self.tc.batch_size, g)
+        return self.data
+
+    def train_head(self, loss: str, seed: int):
+        """Train the head of (loss, seed) in out/exp_mtp_{loss}_s{seed}/. All losses of one seed share the
+        CE warm-up (the first mtp_ce_warmup of the steps, identical for every loss), trained once."""
+        tc = TrainConfig(**{**asdict(self.tc), "mtp_loss": loss, "seed": self.tc.seed + seed})
+        folder = os.path.join(self.out, f"exp_mtp_{loss}_s{seed}")
+        warm = int(tc.mtp_ce_warmup * tc.mtp_steps)
         model = GPT(self.cfg).to(self.device)
-        model.load_state_dict(self.heads[loss])
+        model.load_state_dict(self.sft_state)
+        torch.manual_seed(1000 + seed)
+        model.mtp.load_state_dict(GPT(self.cfg).mtp.state_dict())       # this seed's fresh MTP layer
+        if warm and not os.path.exists(os.path.join(folder, "mtp.pt")):
+            warm_run = Run(os.path.join(self.out, f"exp_mtp_warmup_s{seed}"), tc, self.cfg, resume=True)
+            train_mtp(warm_run, model, self.task, torch.Generator().manual_seed(tc.seed), self.device,
+                      data=self.mtp_data, until=warm)
+            ckpt = torch.load(warm_run.path("mtp"), map_location="cpu", weights_only=False)
+            os.makedirs(folder, exist_ok=True)
+            atomic_save({**ckpt, "done": False}, os.path.join(folder, "mtp.pt"))   # continue from here
+        run = Run(folder, tc, self.cfg, resume=True)
+        train_mtp(run, model, self.task, torch.Generator().manual_seed(tc.seed), self.device, data=self.mtp_data)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    def policy_with_head(self, loss: str, seed: int = 0) -> GPT:
+        """The SFT policy with an MTP layer trained by `loss` (same budget, data and seed for every loss)."""
+        if (loss, seed) not in self.heads:
+            self.heads[loss, seed] = self.train_head(loss, seed)
+        model = GPT(self.cfg).to(self.device)
+        model.load_state_dict(self.heads[loss, seed])
         return model.eval()
 
-    def rollouts(self, model: GPT, temperature=1.0, draft="sample", seed=0):
-        gen = torch.Generator(self.device).manual_seed(seed)
-        return speculative_generate(model, self.held_out[0], self.task.max_new_tokens, gamma=self.tc.gamma,
-                                    temperature=temperature, draft=draft, generator=gen, eos=EOS)
+    def rollouts(self, loss: str, temperature=1.0, draft="sample", seed=0):
+        """Speculative rollouts on the held-out prompts with the head of (loss, seed); kept for reuse."""
+        key = ("rollouts", loss, seed, temperature, draft)
+        if key not in self.heads:
+            gen = torch.Generator(self.device).manual_seed(0)
+            self.heads[key] = speculative_generate(self.policy_with_head(loss, seed), self.held_out[0],
+                                                   self.task.max_new_tokens, gamma=self.tc.gamma,
+                                                   temperature=temperature, draft=draft, generator=gen, eos=EOS)
+        return self.heads[key]
+
+    def expected(self, model: GPT):
+        """Teacher-forced expected acceptance per depth (RS and TO) on the fixed held-out contexts."""
+        tok = teacher_forced_acceptance(model, *self.contexts, self.tc.gamma)
+        return per_depth(tok["rs"], tok["valid"]), per_depth(tok["to"], tok["valid"])
 
 
 def experiment_losses(lab: Lab):
-    """Table 2: RS and TO acceptance of MTP heads trained with each loss, held-out rollouts, T = 1."""
+    """Table 2: RS and TO acceptance of MTP heads trained with each loss, over len(SEEDS) seeds of MTP
+    training: teacher-forced expected acceptance per depth on fixed held-out contexts (no sampling noise),
+    the tokens per forward it implies (Eq. 12), and counted accept length of held-out rollouts, T = 1."""
     result = {}
     for loss in MTP_LOSSES:
-        model = lab.policy_with_head(loss)
-        rs, to = lab.rollouts(model, draft="sample").stats, lab.rollouts(model, draft="greedy").stats
-        result[loss] = dict(rs_acceptance=rs["acceptance"], to_acceptance=to["acceptance"],
-                            rs_accept_length=rs["accept_length"], to_accept_length=to["accept_length"])
-    print("\nlosses (paper Table 2; expect RS: e2e_tv > tv > rkl >= kl ~ ce, TO nearly equal)")
-    print(f"  {'loss':8} {'RS alpha_1..gamma':24} {'RS len':>7}   {'TO alpha_1..gamma':24} {'TO len':>7}")
+        per_seed = []
+        for seed in SEEDS:
+            model = lab.policy_with_head(loss, seed)
+            rs_tf, to_tf = lab.expected(model)
+            rs, to = lab.rollouts(loss, seed=seed).stats, lab.rollouts(loss, draft="greedy", seed=seed).stats
+            per_seed.append(dict(seed=seed, rs_expected_acceptance=rs_tf, to_expected_acceptance=to_tf,
+                                 rs_expected_length=tokens_per_forward(rs_tf),
+                                 to_expected_length=tokens_per_forward(to_tf),
+                                 rs_accept_length=rs["accept_length"], to_accept_length=to["accept_length"],
+                                 rs_acceptance=rs["acceptance"], to_acceptance=to["acceptance"]))
+        summary = {key: mean_std([r[key] for r in per_seed]) for key in
+                   ("rs_expected_length", "to_expected_length", "rs_accept_length", "to_accept_length")}
+        for key in ("rs_expected_acceptance", "to_expected_acceptance"):
+            summary[key] = [mean_std(col) for col in zip(*[r[key] for r in per_seed])]
+        result[loss] = dict(seeds=per_seed, **summary)
+    ranking = {key: rank_with_ties({k: result[k][key] for k in MTP_LOSSES})
+               for key in ("rs_expected_length", "rs_accept_length", "to_expected_length")}
+    print(f"\nlosses (paper Table 2; paper: RS e2e_tv > tv > rkl >= kl = ce, TO nearly equal), mean +- std over "
+          f"{len(SEEDS)} seeds of MTP training; expected = teacher-forced on fixed contexts (Eq. 2 per depth, "
+          f"Eq. 12), counted = held-out rollouts")
+    print(f"  {'loss':7} {'RS expected alpha_1..3':28} {'RS expected':>13} {'RS counted':>13} {'TO expected':>13} "
+          f"{'TO counted':>13}")
+    pm = lambda ms: f"{ms[0]:.3f}+-{ms[1]:.3f}"
     for loss, r in result.items():
-        fmt = lambda a: "/".join(f"{x:.3f}" for x in a)
-        print(f"  {loss:8} {fmt(r['rs_acceptance']):24} {r['rs_accept_length']:7.3f}   "
-              f"{fmt(r['to_acceptance']):24} {r['to_accept_length']:7.3f}")
+        alphas = "/".join(f"{m:.3f}" for m, _ in r["rs_expected_acceptance"])
+        print(f"  {loss:7} {alphas:28} {pm(r['rs_expected_length']):>13} {pm(r['rs_accept_length']):>13} "
+              f"{pm(r['to_expected_length']):>13} {pm(r['to_accept_length']):>13}")
+    for key, text in ranking.items():
+        print(f"  {key:20} {text}   ('>' only where the gap exceeds both spreads added)")
+    result["ranking"] = ranking
     return result
 
 
 def experiment_temperature(lab: Lab):
-    """Fig. 12a: RS and TO acceptance across sampling temperatures, CE and e2e-TV heads."""
+    """Fig. 12a: RS and TO acceptance across sampling temperatures, CE and e2e-TV heads (counted, rollouts)."""
     result = {}
     for loss in ("ce", "e2e_tv"):
-        model = lab.policy_with_head(loss)
         rows = []
         for T in TEMPERATURES:
-            rs, to = lab.rollouts(model, T, "sample").stats, lab.rollouts(model, T, "greedy").stats
+            rs, to = lab.rollouts(loss, T, "sample").stats, lab.rollouts(loss, T, "greedy").stats
             rows.append(dict(temperature=T, rs_alpha1=rs["acceptance"][0], to_alpha1=to["acceptance"][0],
                              rs_accept_length=rs["accept_length"], to_accept_length=to["accept_length"]))
         result[loss] = rows
@@ -1643,12 +1850,13 @@ def experiment_entropy(lab: Lab, rl_result):
     rs_ce, rs_tv = lab.policy_with_head("ce"), lab.policy_with_head("e2e_tv")
     H, acc = [], {"to": [], "rs_ce": [], "rs_e2e_tv": []}
     for T in (0.7, 1.0, 1.3):
-        roll = lab.rollouts(rs_tv, T)
-        ce, tv = token_acceptance(rs_ce, roll.tokens, roll.mask, T), token_acceptance(rs_tv, roll.tokens, roll.mask, T)
-        H.append(tv["entropy"])
-        acc["to"].append(ce["to"])
-        acc["rs_ce"].append(ce["rs"])
-        acc["rs_e2e_tv"].append(tv["rs"])
+        roll = lab.rollouts("e2e_tv", T)
+        ce = teacher_forced_acceptance(rs_ce, roll.tokens, roll.mask, 1, T)
+        tv = teacher_forced_acceptance(rs_tv, roll.tokens, roll.mask, 1, T)
+        H.append(tv["entropy"][:, 0])
+        acc["to"].append(ce["to"][:, 0])
+        acc["rs_ce"].append(ce["rs"][:, 0])
+        acc["rs_e2e_tv"].append(tv["rs"][:, 0])
     H = torch.cat(H)
     acc = {k: torch.cat(v) for k, v in acc.items()}
     edges = torch.quantile(H.double(), torch.linspace(0, 1, 9, dtype=torch.float64))
@@ -1668,36 +1876,46 @@ def experiment_entropy(lab: Lab, rl_result):
     return result
 
 
-def experiment_boundary(lab: Lab, trials: int = 64):
-    """App. E: RS beats TO on a token exactly when d_TV(p, q) < 1 - p(argmax q) (Eq. 48). Check the
-    prediction against what the sampler actually does: `trials` RS and TO verifications per token."""
+ENTROPY_BINS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, math.inf)
+
+
+def experiment_boundary(lab: Lab):
+    """App. E / Fig. 13: which rule wins. Per head and temperature (the paper's model-task pairs), the
+    predicted winner, RS if the mean of 1 - d_TV(p, q) over drafted tokens beats the mean of p(argmax q)
+    (teacher-forced on the RS rollouts, which are distributed as p at that temperature), against the
+    winner measured by counted depth-1 acceptance of RS and TO rollouts; and per token (Eq. 48: RS wins iff
+    d_TV < 1 - p(argmax q)), the share of tokens on which RS wins, by entropy bin."""
     result = {}
-    for loss in ("ce", "e2e_tv"):
+    for loss in ("ce", "kl", "e2e_tv"):
         model = lab.policy_with_head(loss)
-        roll = lab.rollouts(model)
-        tok = token_acceptance(model, roll.tokens, roll.mask)
-        p, q = tok["p"], tok["q"]
-        predicted = (1 - tok["rs"]) < 1 - tok["to"]
-        gen = torch.Generator(lab.device).manual_seed(0)
-        wins = {}
-        for rule in ("sample", "greedy"):
-            P = p[:, None].expand(-1, trials, -1).reshape(-1, 1, p.size(-1))
-            Q = q[:, None].expand(-1, trials, -1).reshape(-1, 1, q.size(-1))
-            d = sample(Q[:, 0], gen) if rule == "sample" else Q[:, 0].argmax(-1)
-            Q = Q if rule == "sample" else one_hot(d, q.size(-1))[:, None]
-            n, _ = rejection_sample(torch.cat([P, P], 1), Q, d[:, None], gen)
-            wins[rule] = n.view(-1, trials).float().mean(1)
-        actual = wins["sample"] > wins["greedy"]
-        clear = (tok["rs"] - tok["to"]).abs() > 0.1
-        result[loss] = dict(tokens=int(p.size(0)), rs_predicted_to_win=predicted.float().mean().item(),
-                            agreement=(predicted == actual).float().mean().item(),
-                            agreement_clear_cases=(predicted == actual)[clear].float().mean().item(),
-                            clear_cases=int(clear.sum()), trials_per_token=trials)
-    print("\nboundary (paper App. E, Eq. 48: RS wins iff d_TV(p, q) < 1 - p(argmax q))")
+        pairs, H, rs_wins = [], [], []
+        for T in TEMPERATURES:
+            rs_roll, to_roll = lab.rollouts(loss, T, "sample"), lab.rollouts(loss, T, "greedy")
+            tok = teacher_forced_acceptance(model, rs_roll.tokens, rs_roll.mask, 1, T)
+            rs_pred, to_pred = tok["rs"][:, 0].mean().item(), tok["to"][:, 0].mean().item()
+            rs_meas, to_meas = rs_roll.stats["acceptance"][0], to_roll.stats["acceptance"][0]
+            pairs.append(dict(temperature=T, rs_expected=rs_pred, to_expected=to_pred, rs_counted=rs_meas,
+                              to_counted=to_meas, rs_accept_length=rs_roll.stats["accept_length"],
+                              to_accept_length=to_roll.stats["accept_length"],
+                              agree=(rs_pred > to_pred) == (rs_meas > to_meas)))
+            H.append(tok["entropy"][:, 0])
+            rs_wins.append(tok["rs"][:, 0] > tok["to"][:, 0])
+        H, rs_wins = torch.cat(H), torch.cat(rs_wins)
+        bins = []
+        for lo, hi in zip(ENTROPY_BINS, ENTROPY_BINS[1:]):
+            inside = (H >= lo) & (H < hi)
+            if inside.any():
+                bins.append(dict(entropy=(lo, hi), tokens=int(inside.sum()), rs_wins=rs_wins[inside].float().mean().item()))
+        result[loss] = dict(pairs=pairs, pairs_favouring_rs=sum(p["rs_counted"] > p["to_counted"] for p in pairs),
+                            predictions_right=sum(p["agree"] for p in pairs), by_entropy=bins,
+                            tokens=int(H.numel()), rs_wins_tokens=rs_wins.float().mean().item())
+    print("\nboundary (paper App. E / Fig. 13: 23 of 24 model-task pairs favour RS; per token RS wins iff "
+          "d_TV(p, q) < 1 - p(argmax q))")
     for loss, r in result.items():
-        print(f"  {loss:7} RS predicted to win on {r['rs_predicted_to_win']:.1%} of {r['tokens']} tokens; "
-              f"prediction matches {trials} sampled verifications on {r['agreement']:.1%} "
-              f"({r['agreement_clear_cases']:.1%} where the rules differ by > 0.1)")
+        print(f"  {loss:7} RS wins {r['pairs_favouring_rs']} of {len(TEMPERATURES)} temperatures (counted alpha_1); "
+              f"mean-acceptance prediction right on {r['predictions_right']}; RS wins on {r['rs_wins_tokens']:.1%} of "
+              f"{r['tokens']} tokens; by entropy: " + ", ".join(
+                  f"H {b['entropy'][0]:g}-{b['entropy'][1]:g}: {b['rs_wins']:.0%}" for b in r["by_entropy"]))
     return result
 
 
@@ -1798,38 +2016,84 @@ def count_launches(fn, device) -> int:
     return Count.n
 
 
-def tv_memory_benchmark(device, rows: int = 1024, vocab: int = 32768):
-    """Time and memory of per-row TV with its backward: memory-lean Function vs plain autograd.
+def process_memory(field: str) -> int:
+    """Bytes of a memory field of this process from /proc/self/status: VmRSS (now), VmHWM (peak)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
 
-    Memory is what the autograd graph keeps for the backward (saved tensors, measured with
-    saved_tensors_hooks on any device) and, on CUDA, the true peak allocation."""
+
+def tv_memory_probe(variant: str, device: str, rows: int, vocab: int, hidden: int, K: int = 3):
+    """Peak memory of forward + backward of the shared head's matmul and a TV loss, above a baseline taken
+    once the inputs exist (hidden states x (rows, hidden), head weight (vocab, hidden), target p (rows,
+    vocab)). variant: "{plain,lean}_{tv,e2e}": plain autograd of the formula, or the memory-lean TVDistance
+    fused with the head; "tv" is the per-step loss, "e2e" Eq. 13 on rows/K chains of K steps. On CPU the
+    peak resident set size (run each variant in a fresh process: the peak never goes down), on CUDA
+    max_memory_allocated. Returns MB; floor_mb > 0 means the peak could not be reset at the baseline.
+    CPU needs Linux (/proc)."""
+    import gc
+    kind, loss = variant.split("_")
+    cuda = device.startswith("cuda")
+    if rows > 8 * K:   # the same computation at a small size first: code and workspaces paged in, not counted
+        tv_memory_probe(variant, device, 8 * K, 64, 16, K)
     g = torch.Generator(device).manual_seed(0)
-    z = torch.randn(rows, vocab, device=device, generator=g)
-    p = F.softmax(torch.randn(rows, vocab, device=device, generator=g), -1)
-    def plain(x):
-        return 1 - torch.minimum(p, F.softmax(x, -1)).sum(-1)
+    x = torch.randn(rows, hidden, device=device, generator=g).requires_grad_(True)
+    weight = torch.randn(vocab, hidden, device=device, generator=g) / hidden ** 0.5
+    p = torch.rand(rows, vocab, device=device, generator=g)
+    p /= p.sum(-1, keepdim=True)
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with contextlib.suppress(OSError):   # Linux: "5" resets the peak RSS (VmHWM) to the current RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        base, before = process_memory("VmRSS"), process_memory("VmHWM")
+    if kind == "plain":
+        alpha = torch.minimum(p, F.softmax(x @ weight.T, -1)).sum(-1)
+    else:
+        alpha = 1 - tv_distance(x, p, head_weight=weight)
+    if loss == "tv":
+        out = (1 - alpha).mean()
+    else:
+        chains = alpha.view(-1, K)
+        out = (1 - torch.cumprod(chains, 1).mean(1)).mean()
+    out.backward()
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        floor = 0
+    else:
+        peak = process_memory("VmHWM") - base
+        floor = max(0, before - base)   # a peak below this would be hidden by what came before the baseline
+    return dict(variant=variant, peak_mb=peak / 2**20, floor_mb=floor / 2**20, rows=rows, vocab=vocab, hidden=hidden)
+
+
+def tv_memory_benchmark(device, rows: int = 768, vocab: int = 32768, hidden: int = 512):
+    """tv_memory_probe for the four variants, each in its own process, plus the time of each in this one."""
+    import subprocess
+    import sys
     result = {}
-    for name, fn in (("plain", plain), ("lean", lambda x: tv_distance(x, p, chunk=256))):
-        saved = {}
-        def pack(t):
-            saved[t.data_ptr()] = t.numel() * t.element_size()
-            return t
-        x = z.clone().requires_grad_(True)
-        if str(device).startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() if str(device).startswith("cuda") else 0
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = fn(x).sum()
-        loss.backward()
-        peak = torch.cuda.max_memory_allocated() - base if str(device).startswith("cuda") else None
-        own = {z.data_ptr(), p.data_ptr(), x.data_ptr()}   # inputs both keep by reference: not extra memory
-        def step():
-            y = z.clone().requires_grad_(True)
-            fn(y).sum().backward()
-        saved_mb = sum(v for k, v in saved.items() if k not in own) / 2**20
-        result[name] = dict(seconds=timed(step, 2, device, blocks=3), saved_mb=saved_mb,
-                            peak_mb=None if peak is None else peak / 2**20)
+    here = os.path.dirname(os.path.abspath(__file__))
+    for variant in ("plain_tv", "lean_tv", "plain_e2e", "lean_e2e"):
+        code = (f"import json, bebop; print(json.dumps(bebop.tv_memory_probe({variant!r}, {str(device)!r}, "
+                f"{rows}, {vocab}, {hidden})))")
+        done = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True, check=True)
+        result[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(rows, hidden, device=device, generator=g)
+    weight = torch.randn(vocab, hidden, device=device, generator=g) / hidden ** 0.5
+    p = F.softmax(torch.randn(rows, vocab, device=device, generator=g), -1)
+    def step(kind):
+        y = x.clone().requires_grad_(True)
+        tv = (1 - torch.minimum(p, F.softmax(y @ weight.T, -1)).sum(-1)) if kind == "plain" else \
+            tv_distance(y, p, head_weight=weight)
+        tv.sum().backward()
+    for kind in ("plain", "lean"):
+        result[f"{kind}_tv"]["seconds"] = timed(lambda: step(kind), 2, device, blocks=3)
     return result
 
 
@@ -1900,10 +2164,14 @@ def run_benchmark(args):
           f"{grpo['spec']['step_s']:.3f} s with speculative rollouts ({grpo['spec']['rollout_s']:.3f} s rollout), "
           f"{grpo['ar']['step_s']:.3f} s with plain ({grpo['ar']['rollout_s']:.3f} s) -> "
           f"{grpo['ar']['step_s'] / grpo['spec']['step_s']:.2f}x")
-    print(f"TV loss + backward at vocab 32768, 1024 rows: plain autograd {tv['plain']['seconds'] * 1e3:.0f} ms, "
-          f"keeps {tv['plain']['saved_mb']:.0f} MB for backward; memory-lean {tv['lean']['seconds'] * 1e3:.0f} ms, "
-          f"keeps {tv['lean']['saved_mb']:.2f} MB"
-          + (f"; peak {tv['plain']['peak_mb']:.0f} vs {tv['lean']['peak_mb']:.0f} MB" if tv["lean"]["peak_mb"] else ""))
+    print(f"TV loss + head matmul, forward + backward, {tv['lean_tv']['rows']} rows x vocab {tv['lean_tv']['vocab']}, "
+          f"hidden {tv['lean_tv']['hidden']}: peak memory above the inputs, each in its own process "
+          f"({'max_memory_allocated' if cuda else 'peak RSS'}): per-step TV plain autograd "
+          f"{tv['plain_tv']['peak_mb']:.0f} MB, memory-lean {tv['lean_tv']['peak_mb']:.0f} MB "
+          f"({tv['lean_tv']['peak_mb'] / tv['plain_tv']['peak_mb']:.0%}); e2e TV (K=3) {tv['plain_e2e']['peak_mb']:.0f} MB vs "
+          f"{tv['lean_e2e']['peak_mb']:.0f} MB ({tv['lean_e2e']['peak_mb'] / tv['plain_e2e']['peak_mb']:.0%}); time "
+          f"{tv['plain_tv']['seconds'] * 1e3:.0f} ms plain vs {tv['lean_tv']['seconds'] * 1e3:.0f} ms lean (it recomputes "
+          f"the logits in the backward)")
     result = dict(device=device_name(device), preset=tc.preset, precision=tc.precision, gamma=tc.gamma, rows=rows,
                   grpo_step=grpo, tv_loss=tv)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
@@ -1940,6 +2208,12 @@ def parse_args(argv=None):
             raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
         return value
 
+    def positive(text):
+        value = float(text)
+        if not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        return value
+
     def non_negative(text):
         value = float(text)
         if not value >= 0:
@@ -1963,6 +2237,10 @@ def parse_args(argv=None):
     ap.add_argument("--mtp-online", choices=["none", "ce", "tv", "e2e_tv"], default="none",
                     help="update the MTP layer during RL with this loss (default: frozen)")
     ap.add_argument("--kl-coef", type=non_negative, default=0.0, help="k3 KL to the SFT policy")
+    ap.add_argument("--temperature", type=positive, default=1.0,
+                    help="sampling temperature of the RL rollouts (> 0); the trainer's log-probs use the same")
+    ap.add_argument("--mtp-data", choices=["policy", "sft"], default="policy",
+                    help="pre-RL MTP training data: the policy's own samples (paper's RFT data) or the SFT data")
     ap.add_argument("--mtp-ce-warmup", type=fraction, default=0.5,
                     help="fraction of the MTP steps trained with CE first (0 = cold start with --mtp-loss)")
     for name in ("sft-steps", "mtp-steps", "rl-steps", "batch-size", "rl-prompts", "eval-prompts"):
@@ -1990,6 +2268,7 @@ def configure(args):
         torch.set_float32_matmul_precision("high")
     tc = TrainConfig(preset=preset, seed=args.seed, mtp_loss=args.mtp_loss, rollout=args.rollout, draft=args.draft,
                      gamma=args.gamma, mtp_online=args.mtp_online, kl_coef=args.kl_coef,
+                     temperature=args.temperature, mtp_data=args.mtp_data,
                      mtp_ce_warmup=args.mtp_ce_warmup, precision=args.precision or ("bf16" if on_cuda else "fp32"),
                      cuda_graphs=not args.no_cuda_graphs)
     for key, value in PRESETS[preset].items():
@@ -2034,7 +2313,8 @@ def train(args):
         extra.update(ckpt["extra"])
     if world.master and "reward_before" not in extra:
         extra["reward_before"], extra["accuracy_before"] = evaluate(rollout_weights(model, tc.precision), task,
-                                                                    held_out, tc.seed, tc.gamma, graph_mode(tc))
+                                                                    held_out, tc.seed, tc.gamma, graph_mode(tc),
+                                                                    tc.temperature)
     train_grpo(run, model, task, gen_data, gen_roll, device, extra)
     summary = None
     if world.master:
@@ -2049,7 +2329,7 @@ def train(args):
 def summarize(model, task, tc: TrainConfig, held_out, extra, t_start, out, device):
     """Evaluate after RL, time speculative against plain decoding side by side, print and save."""
     policy, graphs = rollout_weights(model, tc.precision), graph_mode(tc)
-    reward_after, accuracy_after = evaluate(policy, task, held_out, tc.seed, tc.gamma, graphs)
+    reward_after, accuracy_after = evaluate(policy, task, held_out, tc.seed, tc.gamma, graphs, tc.temperature)
     batch = held_out[0][:tc.rl_prompts * tc.group_size]
     ar_tps, spec_tps, _ = time_rollouts(policy, batch, task.max_new_tokens, tc.gamma, EOS, cuda_graphs=graphs)
     ar_tps1, spec_tps1, _ = time_rollouts(policy, batch[:1], task.max_new_tokens, tc.gamma, EOS, repeats=10,
@@ -2060,7 +2340,8 @@ def summarize(model, task, tc: TrainConfig, held_out, extra, t_start, out, devic
         gamma=tc.gamma, reward_before=extra["reward_before"], reward_after=reward_after,
         accuracy_before=extra["accuracy_before"], accuracy_after=accuracy_after,
         acceptance=recent_acceptance(recent),
-        accept_length=sum(m["accept_length"] for m in recent) / max(1, len(recent)),
+        accept_length=(sum(m["kept_tokens"] for m in recent) / max(1, sum(m["row_rounds"] for m in recent))
+                       if tc.rollout == "spec" else 1.0),
         entropy=sum(m["entropy"] for m in recent) / max(1, len(recent)),
         rollout_speedup=spec_tps / ar_tps, rollout_batch=batch.size(0),
         tokens_per_s=dict(plain=ar_tps, speculative=spec_tps),

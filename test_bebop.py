@@ -186,6 +186,35 @@ def test_exactness_test_rejects_broken_samplers(bug):
     assert min(emitted_pvalues(broken_rejection_sample(None), p, q)[0]) > P_MIN
 
 
+def first_step_acceptance_z(sampler, greedy, N=200_000, seed=5):
+    """z-scores of the counted first-step acceptance of `sampler` against Eq. 2 (RS: sum min(p, q)) or
+    Eq. 1 (TO: p(argmax q)), for a few random (p, q) pairs; N verifications each."""
+    g = torch.Generator().manual_seed(seed)
+    zs = []
+    for case in range(4):
+        p = F.softmax(torch.randn(2, 7, generator=g) * 1.5, -1)
+        q = F.softmax(torch.randn(1, 7, generator=g) * 1.5, -1)
+        if greedy:
+            d = q.argmax(-1).expand(N, 1)
+            q_used, alpha = bebop.one_hot(d, 7), p[0, q.argmax()].item()
+        else:
+            d = bebop.sample(q.expand(N, -1), g)[:, None]
+            q_used, alpha = q.expand(N, -1, -1), torch.minimum(p[0], q[0]).sum().item()
+        n, _ = sampler(p.expand(N, -1, -1), q_used, d, g)
+        rate = (n >= 1).double().mean().item()
+        zs.append((rate - alpha) / math.sqrt(alpha * (1 - alpha) / N))
+    return zs
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_acceptance_rate_is_eq2_for_rs_and_eq1_for_to(greedy):
+    """The identities behind App. E: counted acceptance equals 1 - d_TV(p, q) (RS) and p(argmax q) (TO);
+    the same test rejects a sampler that accepts with q/p instead of p/q."""
+    assert max(abs(z) for z in first_step_acceptance_z(bebop.rejection_sample, greedy)) < 4.5
+    broken = first_step_acceptance_z(broken_rejection_sample("accept_q_over_p"), greedy)
+    assert max(abs(z) for z in broken) > 10
+
+
 def test_rejection_sample_shapes_and_no_python_loop_over_rows():
     p, q = make_case("random", 3)
     B = 7
@@ -367,6 +396,57 @@ def test_idle_steps_after_the_batch_ended_change_nothing(drafted_model, lag, mon
         assert steps.count(True) == lag, "the lagged loop ran no idle step: the test proves nothing"
         assert torch.equal(out.new_tokens, ref.new_tokens) and torch.equal(out.mask, ref.mask)
         assert torch.equal(out.logprobs, ref.logprobs) and out.stats == ref.stats
+
+def hand_count_stats(trace, max_new_tokens, eos, gamma):
+    """Acceptance statistics counted by hand from a trace, one row-round at a time in plain Python: walk
+    each round's n+1 tokens, stop at the cap and after the end mark, and count what the row keeps."""
+    hist, reached, accepted = [0] * (gamma + 1), [0] * gamma, [0] * gamma
+    count, ended = {}, set()
+    for rd in trace:
+        for b in range(len(rd["n"])):
+            if not rd["active"][b]:
+                continue
+            c, n, kept = count.get(b, 1), int(rd["n"][b]), 0
+            for slot in range(n + 1):
+                if c + slot >= max_new_tokens:
+                    break
+                kept += 1
+                if slot < gamma:
+                    reached[slot] += 1
+                    accepted[slot] += slot < n
+                if eos is not None and int(rd["tokens"][b, slot]) == eos:
+                    break
+            hist[kept - 1] += 1
+            count[b] = c + n + 1
+    return hist, reached, accepted
+
+
+@pytest.mark.parametrize("draft", ["sample", "greedy"])
+@pytest.mark.parametrize("eos,max_new", [(None, 13), (2, 30), (5, 11)])
+def test_acceptance_statistics_count_only_kept_tokens(drafted_model, draft, eos, max_new):
+    """sum_i (i+1) hist[i] is every kept token but the prefill's first; accept_length is that over the
+    row-rounds; alpha_j counts a draft only where its token would be kept (end marks inside accepted runs,
+    the cap cutting a round short). Checked against a hand count from the trace."""
+    trace, gamma, B = [], 3, 24
+    prompt = torch.randint(0, 8, (B, 3), generator=torch.Generator().manual_seed(1))
+    out = bebop.speculative_generate(drafted_model, prompt, max_new, gamma=gamma, draft=draft, eos=eos, trace=trace,
+                                     generator=torch.Generator().manual_seed(2))
+    st = out.stats
+    hist, reached, accepted = hand_count_stats(trace, max_new, eos, gamma)
+    assert st["accept_histogram"] == hist
+    assert st["drafts_reached"] == reached and st["drafts_accepted"] == accepted
+    kept = sum((i + 1) * h for i, h in enumerate(st["accept_histogram"]))
+    assert kept == int(out.mask.sum()) - B
+    assert st["accept_length"] == pytest.approx(kept / sum(st["accept_histogram"]))
+    assert st["acceptance"] == pytest.approx([a / r for a, r in zip(accepted, reached)])
+    # The case must exercise what it claims: rounds cut short, and (with an end mark) drafts past it.
+    verified = sum(int(rd["active"].sum()) for rd in trace) * gamma
+    assert sum(reached) < verified, "no draft was discarded: the case tests nothing"
+    if eos is not None:
+        after_end = any(rd["active"][b] and (rd["tokens"][b, :int(rd["n"][b])] == eos).any()
+                        for rd in trace for b in range(B))
+        assert after_end, "no end mark inside an accepted run"
+
 
 def test_cache_logits_logprobs_and_drafts_match_the_training_path(drafted_model):
     """After rejections and rollbacks: the verify logits equal full-forward logits, the returned logprobs
@@ -701,10 +781,13 @@ def test_bench_writes_the_table(tmp_path):
     assert {(r["mode"], r["batch"]) for r in rows} == {(m, B) for m in ("plain", "spec") for B in (1, 4, 16)}
     for r in rows:
         assert r["cuda_graphs"] is False and r["tokens_per_s"] > 0 and r["t_spec_step"] > r["t_verify"] > 0
-        assert (r["accept_length"] > 1) == (r["mode"] == "spec")
+        assert r["accept_length"] == 1.0 if r["mode"] == "plain" else r["accept_length"] >= 1.0
         assert 0 < r["achieved_over_ideal"] and r["launches_spec_step"] > r["launches_plain"] > 0
+    assert any(r["accept_length"] > 1 for r in rows if r["mode"] == "spec")
     assert result["grpo_step"]["spec"]["step_s"] > 0 and result["grpo_step"]["ar"]["step_s"] > 0
-    assert result["tv_loss"]["lean"]["saved_mb"] < result["tv_loss"]["plain"]["saved_mb"] / 2
+    tv = result["tv_loss"]
+    assert tv["lean_tv"]["peak_mb"] < tv["plain_tv"]["peak_mb"] / 2
+    assert tv["lean_e2e"]["peak_mb"] < tv["plain_e2e"]["peak_mb"] / 2
 
 
 # ----------------------------------------------------------------------------- MTP losses (Eq. 10, 11, 13)
@@ -714,40 +797,65 @@ def plain_tv(z, p):
     return 1 - torch.minimum(p, F.softmax(z, -1)).sum(-1)
 
 
-def test_memory_lean_tv_matches_autograd_in_float64():
+def lean_tv_against_autograd(chunk=5):
+    """Max differences of the memory-lean TV (value, and gradients wrt the logits, the hidden states and
+    the head's weight on the fused path) from plain autograd of the formula, in float64."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(37, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(37, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
     p = F.softmax(torch.randn(37, 11, generator=g, dtype=torch.float64) * 2, -1)
     w = torch.randn(37, generator=g, dtype=torch.float64)
-    lean = bebop.TVDistance.apply(z, p, 8)   # chunked: 8 rows at a time
-    ref = plain_tv(z, p)
-    torch.testing.assert_close(lean, ref, atol=1e-12, rtol=0)
-    (g_lean,) = torch.autograd.grad((lean * w).sum(), z)
-    (g_ref,) = torch.autograd.grad((ref * w).sum(), z)
-    torch.testing.assert_close(g_lean, g_ref, atol=1e-10, rtol=0)
-    assert torch.autograd.gradcheck(lambda x: bebop.TVDistance.apply(x, p, 5), (z,))
+    worst = 0.0
+    for inputs, lean, ref in (((z,), bebop.tv_distance(z, p, chunk=chunk), plain_tv(z, p)),
+                              ((x, W), bebop.tv_distance(x, p, head_weight=W, chunk=chunk), plain_tv(x @ W.T, p))):
+        worst = max(worst, (lean - ref).abs().max().item())
+        for a, b in zip(torch.autograd.grad((lean * w).sum(), inputs), torch.autograd.grad((ref * w).sum(), inputs)):
+            worst = max(worst, (a - b).abs().max().item())
+    return worst
+
+
+def test_memory_lean_tv_matches_autograd_in_float64():
+    assert lean_tv_against_autograd(chunk=5) < 1e-10      # chunked: 5 rows at a time
+    assert lean_tv_against_autograd(chunk=1000) < 1e-10   # one chunk
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(9, 13, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(13, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    p = F.softmax(torch.randn(9, 13, generator=g, dtype=torch.float64), -1)
+    assert torch.autograd.gradcheck(lambda a: bebop.tv_distance(a, p, chunk=4), (z,))
+    assert torch.autograd.gradcheck(lambda a, b: bebop.tv_distance(a, p, head_weight=b, chunk=4), (x, W))
     # Prop. 3: |dL/dz_j| <= q_j
-    assert (g_lean.abs() <= w.abs()[:, None] * F.softmax(z, -1) + 1e-12).all()
+    (grad,) = torch.autograd.grad(bebop.tv_distance(z, p).sum(), z)
+    assert (grad.abs() <= F.softmax(z, -1) + 1e-12).all()
 
 
-def test_memory_lean_tv_keeps_only_per_row_scalars_for_backward():
-    """App. F: what autograd keeps between forward and backward, measured, not assumed."""
-    mem = bebop.tv_memory_benchmark("cpu", rows=64, vocab=4096)
-    assert mem["plain"]["saved_mb"] >= 64 * 4096 * 4 / 2**20          # at least one softmax-sized tensor
-    assert mem["lean"]["saved_mb"] <= 2 * 64 * 8 / 2**20 + 1e-9        # two scalars per row
-    assert mem["lean"]["saved_mb"] <= 0.5 * mem["plain"]["saved_mb"]
+def test_packed_bits_round_trip():
+    mask = torch.rand(7, 21, generator=torch.Generator().manual_seed(0)) > 0.5
+    bits = bebop.pack_bits(mask)
+    assert bits.dtype == torch.uint8 and bits.shape == (7, 3)
+    assert torch.equal(bebop.unpack_bits(bits, 21), mask)
 
 
-def test_memory_lean_tv_gradient_check_can_fail():
-    """A planted sign error in Eq. 11 is caught by the same comparison."""
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    p = F.softmax(torch.randn(6, 5, generator=g, dtype=torch.float64), -1)
-    q = F.softmax(z, -1).detach()
-    S = (q * (q <= p)).sum(-1, keepdim=True)
-    wrong = q * (S - 1 + (q < p).double())    # the indicator flipped
-    (right,) = torch.autograd.grad(plain_tv(z, p).sum(), z)
-    assert not torch.allclose(wrong, right, atol=1e-6)
+def test_memory_lean_tv_gradient_check_can_fail(monkeypatch):
+    """A planted error in bebop's own backward (the indicator 1[q > p] flipped) is caught by the same
+    comparison with autograd."""
+    assert lean_tv_against_autograd() < 1e-10
+    unpack = bebop.unpack_bits
+    monkeypatch.setattr(bebop, "unpack_bits", lambda bits, V: ~unpack(bits, V))
+    assert lean_tv_against_autograd() > 1e-3
+
+
+def test_memory_lean_tv_peak_is_at_most_half_of_plain_autograd():
+    """App. F, measured: peak memory of forward + backward of head matmul + loss, each variant in its own
+    process (peak RSS above a baseline taken once the inputs exist), for per-step and e2e TV."""
+    mem = bebop.tv_memory_benchmark("cpu", rows=384, vocab=32768, hidden=256)
+    logits_mb = 384 * 32768 * 4 / 2**20
+    for loss in ("tv", "e2e"):
+        plain, lean = mem[f"plain_{loss}"], mem[f"lean_{loss}"]
+        assert plain["floor_mb"] < 0.5 * logits_mb and lean["floor_mb"] < 0.5 * logits_mb
+        assert plain["peak_mb"] >= 1.5 * logits_mb, plain     # the harness sees autograd keep logits-sized tensors
+        assert lean["peak_mb"] <= 0.5 * plain["peak_mb"], (lean, plain)
 
 
 def test_e2e_tv_on_hand_made_chains():
@@ -861,19 +969,24 @@ def sft_policy(task, tmp_path_factory):
     return model.eval(), cfg
 
 
-def rollout_batch(model, task, seed, prompts=8, G=8):
+def rollout_batch(model, task, seed, prompts=8, G=8, temperature=1.0):
     g = torch.Generator().manual_seed(seed)
     idx, S, N = (x.repeat_interleave(G, 0) for x in task.prompts(prompts, g))
-    roll = bebop.speculative_generate(model, idx, task.max_new_tokens, generator=g, eos=bebop.EOS)
+    roll = bebop.speculative_generate(model, idx, task.max_new_tokens, generator=g, eos=bebop.EOS,
+                                      temperature=temperature)
     return roll, task.reward(roll.new_tokens, S, N)[0]
 
 
-def test_rollout_logprobs_equal_the_trainers(sft_policy, task):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rollout_logprobs_equal_the_trainers(sft_policy, task, temperature):
     model, _ = sft_policy
-    roll, _ = rollout_batch(model, task, 0)
+    roll, _ = rollout_batch(model, task, 0, temperature=temperature)
     assert roll.stats["acceptance"][0] < 1.0
-    logp, _ = bebop.policy_logprobs(model, roll.tokens, bebop.PROMPT_LEN)
+    logp, _ = bebop.policy_logprobs(model, roll.tokens, bebop.PROMPT_LEN, temperature)
     torch.testing.assert_close(logp * roll.mask, roll.logprobs, atol=1e-5, rtol=0)
+    if temperature != 1.0:   # the check can fail: untempered trainer log-probs do not match
+        untempered, _ = bebop.policy_logprobs(model, roll.tokens, bebop.PROMPT_LEN)
+        assert not torch.allclose(untempered * roll.mask, roll.logprobs, atol=1e-3)
 
 
 @pytest.mark.parametrize("sign", [1, -1])
@@ -926,10 +1039,14 @@ def states_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("where", ["sft_loss", "grpo_loss"])
-def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, where):
+@pytest.mark.parametrize("where,flags", [("sft_loss", []), ("mtp_training_loss", []), ("grpo_loss", []),
+                                         ("grpo_loss", ["--mtp-online", "e2e_tv", "--temperature", "0.8"])])
+def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, where, flags):
+    """Bit-identical, including the MTP stage (its training set of policy samples is regenerated) and an RL
+    run that updates the MTP layer online (its optimizer state is in the checkpoint)."""
     import signal
-    full, _ = bebop.train(bebop.parse_args(TINY_RUN + ["--out", str(tmp_path / "a")]))
+    run = TINY_RUN + flags
+    full, _ = bebop.train(bebop.parse_args(run + ["--out", str(tmp_path / "a")]))
     original = getattr(bebop, where)
     calls = []
     def interrupting(*args, **kwargs):   # Ctrl-C arrives in the middle of the third step
@@ -939,11 +1056,11 @@ def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tmp_path, monk
         return original(*args, **kwargs)
     monkeypatch.setattr(bebop, where, interrupting)
     with pytest.raises(KeyboardInterrupt, match="continue with --resume"):
-        bebop.train(bebop.parse_args(TINY_RUN + ["--out", str(tmp_path / "b")]))
+        bebop.train(bebop.parse_args(run + ["--out", str(tmp_path / "b")]))
     monkeypatch.setattr(bebop, where, original)
-    stage = "sft" if where == "sft_loss" else "grpo"
+    stage = {"sft_loss": "sft", "mtp_training_loss": "mtp", "grpo_loss": "grpo"}[where]
     assert torch.load(tmp_path / "b" / f"{stage}.pt", weights_only=False)["step"] == 3
-    resumed, summary = bebop.train(bebop.parse_args(TINY_RUN + ["--out", str(tmp_path / "b"), "--resume"]))
+    resumed, summary = bebop.train(bebop.parse_args(run + ["--out", str(tmp_path / "b"), "--resume"]))
     assert states_equal(full.state_dict(), resumed.state_dict())
     assert summary["reward_before"] == json.load(open(tmp_path / "a" / "summary.json"))["reward_before"]
 
@@ -1030,8 +1147,8 @@ def test_two_ranks_with_gloo_stay_in_sync_and_log_reduced_metrics(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert states_equal(r0["state"], r1["state"])
     assert len(r0["calls"]) == len(r1["calls"])
-    # GRPO's averaged numbers are the 7-value mean reductions; their second entry is the reward
-    grpo = [(a, b) for a, b in zip(r0["calls"], r1["calls"]) if len(a[0]) == 7 and a[1] == "mean"]
+    # GRPO's averaged numbers are the 6-value mean reductions; their second entry is the reward
+    grpo = [(a, b) for a, b in zip(r0["calls"], r1["calls"]) if len(a[0]) == 6 and a[1] == "mean"]
     log = [json.loads(line) for line in open(out / "log.jsonl") if '"grpo"' in line]
     assert len(grpo) == len(log) == 6
     differ = 0
