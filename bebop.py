@@ -36,6 +36,7 @@ import functools
 import itertools
 import json
 import math
+import numbers
 import os
 import signal
 import time
@@ -68,10 +69,13 @@ class GPTConfig:
 # Named presets. "tiny" is for tests, "cpu" is the default on a laptop, "gpu" is picked on CUDA. Both real
 # presets are deep and narrow, like the paper's models (dozens of layers, one MTP layer): a draft step
 # costs one block and a verify n_layer blocks, which is what makes drafting cheap next to verifying.
+# Wall time of `python bebop.py --preset NAME`, for --help (2-core CPU; gpu on one H100-class card).
+PRESET_TIMES = dict(tiny="a 20-second smoke test (its reward can fall)", cpu="about 6 minutes on a 2-core CPU",
+                    gpu="minutes on one GPU")
 PRESETS = {
     "tiny": dict(model=dict(n_layer=2, n_head=2, n_embd=32), sft_steps=300, mtp_steps=50, rl_steps=20,
                  batch_size=32, rl_prompts=8, group_size=8, rl_lr=3e-4),
-    "cpu": dict(model=dict(n_layer=6, n_head=4, n_embd=96), sft_steps=1000, mtp_steps=400, rl_steps=100,
+    "cpu": dict(model=dict(n_layer=6, n_head=4, n_embd=96), sft_steps=1000, mtp_steps=200, rl_steps=100,
                 batch_size=64, rl_prompts=8, group_size=16, rl_lr=2e-4),
     "gpu": dict(model=dict(n_layer=24, n_head=8, n_embd=512), sft_steps=3000, mtp_steps=1000, rl_steps=200,
                 batch_size=128, rl_prompts=32, group_size=16, sft_lr=1e-3, mtp_lr=1e-3, rl_lr=1e-4),
@@ -275,19 +279,25 @@ class GPT(nn.Module):
             out.append(g)
         return torch.stack(out, dim=1)
 
-    def mtp_features(self, idx, n_steps: int):
+    @torch.no_grad()
+    def backbone_outputs(self, idx):
+        """(hidden states (B, T, C), logits (B, T, V)) of the frozen backbone: what the MTP layer reads and
+        is measured against. Computed once, they serve any number of MTP heads on the same sequences."""
+        h = self.hidden(idx)
+        return h, self.head(h)
+
+    def mtp_features(self, idx, n_steps: int, backbone=None):
         """(target logits (B, T, V) of the frozen backbone, the MTP layer's normed hidden states
-        (B, n_steps, T, C)): the draft logits are these times the shared head, detached."""
-        with torch.no_grad():
-            h = self.hidden(idx)
-            target_logits = self.head(h)
+        (B, n_steps, T, C)): the draft logits are these times the shared head, detached. backbone: this
+        model's backbone_outputs(idx), if already computed."""
+        h, target_logits = backbone if backbone is not None else self.backbone_outputs(idx)
         return target_logits, self.mtp.norm_f(self.mtp_hidden(idx, h, n_steps))
 
-    def mtp_logits(self, idx, n_steps: int):
+    def mtp_logits(self, idx, n_steps: int, backbone=None):
         """(target logits (B, T, V) of the frozen backbone, draft logits (B, n_steps, T, V)).
 
         Draft row [b, k-1, t] is q_k at anchor t; its target is the backbone's row at position t+k."""
-        target_logits, x = self.mtp_features(idx, n_steps)
+        target_logits, x = self.mtp_features(idx, n_steps, backbone)
         return target_logits, F.linear(x, self.lm_head.weight.detach())
 
 
@@ -494,8 +504,21 @@ def rejection_sample(target_probs, draft_probs, draft_tokens, generator=None):
     draft_tokens (B, gamma). Returns n_accepted (B,) in 0..gamma and tokens (B, gamma+1): the first
     n_accepted are the drafts, position n_accepted holds the correction drawn from the residual
     max(0, p - q) renormalised, or the bonus drawn from row gamma when every draft was accepted.
-    Entries after n_accepted are left-over drafts: ignore them."""
+    Entries after n_accepted are left-over drafts: ignore them.
+
+    Contract: probabilities, not logits; each row non-negative and summing to 1 (check_distributions
+    checks that, at the cost of a host sync). Shapes and dtypes are checked here, which costs nothing."""
+    if draft_tokens.dim() != 2 or draft_tokens.is_floating_point() or draft_tokens.dtype == torch.bool:
+        raise ValueError(f"draft_tokens must be (B, gamma) integer ids, got {tuple(draft_tokens.shape)} "
+                         f"{draft_tokens.dtype}")
     B, gamma = draft_tokens.shape
+    V = target_probs.size(-1)
+    if target_probs.shape != (B, gamma + 1, V) or draft_probs.shape != (B, gamma, V):
+        raise ValueError(f"expected target_probs (B, gamma+1, V) = ({B}, {gamma + 1}, V) and draft_probs (B, gamma, V) "
+                         f"= ({B}, {gamma}, V) with one V, got {tuple(target_probs.shape)} and {tuple(draft_probs.shape)}")
+    if not (target_probs.is_floating_point() and draft_probs.is_floating_point()):
+        raise ValueError(f"target_probs and draft_probs must be floating point probabilities, got "
+                         f"{target_probs.dtype} and {draft_probs.dtype}")
     p = target_probs.float()
     q = draft_probs.float()
     p_d = p[:, :gamma].gather(-1, draft_tokens[..., None]).squeeze(-1)   # (B, gamma)
@@ -513,6 +536,17 @@ def rejection_sample(target_probs, draft_probs, draft_tokens, generator=None):
     tokens = torch.cat([draft_tokens, draft_tokens[:, -1:]], dim=1)
     tokens.scatter_(1, n[:, None], new[:, None])
     return n, tokens
+
+
+def check_distributions(probs, name: str, atol: float = 1e-3):
+    """Raise ValueError unless every row of probs (..., V) is a distribution: finite, non-negative, summing
+    to 1. It reads values back to the host (a sync), so the generators call it only with debug=True."""
+    bad = ~torch.isfinite(probs).all(-1) | (probs < 0).any(-1) | ((probs.sum(-1) - 1).abs() > atol)
+    if bad.any():
+        row = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} row {row} is not a probability distribution (finite, >= 0, sums to 1): "
+                         f"sum {probs[row].sum().item():.4g}, min {probs[row].min().item():.4g}; pass probabilities, "
+                         f"not logits")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -534,6 +568,11 @@ def prepare_prompts(model: GPT, prompt, max_new_tokens: int, lookahead: int):
     """Validate prompts and right-pad them into one (B, P) batch; returns (idx, lengths, ragged)."""
     cfg = model.config
     device = next(model.parameters()).device
+    rows = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
+    for r in rows:
+        t = torch.as_tensor(r) if not isinstance(r, torch.Tensor) else r
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"prompt token ids must be integers, got dtype {t.dtype}")
     if isinstance(prompt, torch.Tensor) and prompt.dim() == 2:
         idx, ragged = prompt.long(), False
         lengths = torch.full((idx.size(0),), idx.size(1))
@@ -545,8 +584,9 @@ def prepare_prompts(model: GPT, prompt, max_new_tokens: int, lookahead: int):
         idx = nn.utils.rnn.pad_sequence(rows, batch_first=True)
     else:
         raise ValueError("prompt must be a (B, T) LongTensor or a non-empty list of 1-D token tensors")
+    max_new_tokens = int(max_new_tokens)
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
     if idx.numel() == 0 or lengths.min() == 0:
         raise ValueError("empty prompt: every prompt needs at least one token")
     P = idx.size(1)
@@ -562,11 +602,32 @@ def prepare_prompts(model: GPT, prompt, max_new_tokens: int, lookahead: int):
     return idx.to(device), lengths.to(device), ragged
 
 
-def check_sampling_args(temperature, eos, vocab_size):
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if eos is not None and not 0 <= eos < vocab_size:
-        raise ValueError(f"eos must be a token id in [0, {vocab_size}), got {eos}")
+def is_integer(x) -> bool:
+    """A Python or numpy integer (or a 0-d integer tensor), not a bool."""
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 0 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)   # numpy's bool is not Integral
+
+
+def check_sampling_args(model: GPT, max_new_tokens, temperature, eos, generator, trace=None):
+    """Clear errors for the generators' arguments, each naming what was wrong and what is allowed."""
+    if not is_integer(max_new_tokens):
+        raise TypeError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
+    V = model.config.vocab_size
+    if eos is not None and (not is_integer(eos) or not 0 <= int(eos) < V):
+        raise ValueError(f"eos must be None or an integer token id in [0, {V}), got {eos!r}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        device = model.lm_head.weight.device
+        if generator.device.type != device.type:
+            raise ValueError(f"generator lives on {generator.device}, the model on {device}: make it with "
+                             f"torch.Generator({device.type!r})")
+    if trace is not None and not isinstance(trace, list):
+        raise TypeError(f"trace must be a list (rounds are appended to it) or None, got {type(trace).__name__}")
 
 
 def finish(idx, lengths, ragged, new_tokens, logprobs, eos, stats):
@@ -678,7 +739,8 @@ def generate(model: GPT, prompt, max_new_tokens: int, *, temperature: float = 1.
              cuda_graphs=None):
     """Plain autoregressive sampling: one backbone forward per token, batched, KV-cached.
     cuda_graphs: None = on for a CUDA model, True/False to force (section 6)."""
-    check_sampling_args(temperature, eos, model.config.vocab_size)
+    check_sampling_args(model, max_new_tokens, temperature, eos, generator)
+    max_new_tokens, temperature, eos = int(max_new_tokens), float(temperature), None if eos is None else int(eos)
     idx, lengths, ragged = prepare_prompts(model, prompt, max_new_tokens, lookahead=0)
     B, P = idx.shape
     key = ("plain", B, P, max_new_tokens, temperature, eos)
@@ -734,7 +796,7 @@ def speculative_prefill(model: GPT, caches: Caches, idx, lengths, max_new_tokens
 
 
 def speculative_round(model: GPT, caches: Caches, s, gamma: int, temperature: float, greedy: bool, eos,
-                      max_new_tokens: int, generator, trace=None):
+                      max_new_tokens: int, generator, trace=None, debug=False):
     """One round for every row: draft gamma tokens, verify them in one backbone forward, accept n of them
     plus one more token, and advance each active row by its own n+1. Updates the state s in place.
 
@@ -748,6 +810,9 @@ def speculative_round(model: GPT, caches: Caches, s, gamma: int, temperature: fl
     # One log-softmax serves both the sampler's p and the log-probs GRPO needs (float32 sampling math).
     target_logp = F.log_softmax(target_logits.float() / (temperature or 1.0), dim=-1)
     p = target_logp.exp() if temperature > 0 else probs_from_logits(target_logits, 0)
+    if debug:
+        check_distributions(p, "target_probs")
+        check_distributions(q, "draft_probs")
     n, tokens = rejection_sample(p, q, d, generator)
     # The MTP layer reads the depth-1 inputs of the gamma+1 new anchors (entries past n are garbage,
     # later hidden and overwritten); its output at index n is the next round's g^1.
@@ -786,41 +851,47 @@ def acceptance_stats(histogram, reached, accepted):
     reached[j-1] / accepted[j-1]: row-rounds whose draft j was verified / accepted, counted only where
     its token would be kept. Returns alpha_j = accepted / reached (conditional on reaching step j; NaN for
     a step never reached) and accept_length, the mean tokens a row keeps per round (drafts + the
-    correction or bonus), i.e. tokens per target forward."""
+    correction or bonus), i.e. tokens per target forward (1.0 when no round ran: each row's only token
+    came from the prefill's forward)."""
     rounds = sum(histogram)
     kept = sum((i + 1) * h for i, h in enumerate(histogram))
     return dict(acceptance=[a / r if r else math.nan for a, r in zip(accepted, reached)],
-                accept_length=kept / rounds if rounds else math.nan, drafts_reached=list(reached),
+                accept_length=kept / rounds if rounds else 1.0, drafts_reached=list(reached),
                 drafts_accepted=list(accepted), accept_histogram=list(histogram))
 
 
 @torch.no_grad()
 def speculative_generate(model: GPT, prompt, max_new_tokens: int, *, gamma: int = 3, temperature: float = 1.0,
-                         draft: str = "sample", generator=None, eos=None, trace=None, cuda_graphs=None):
+                         draft: str = "sample", generator=None, eos=None, trace=None, cuda_graphs=None,
+                         debug: bool = False):
     """MTP speculative decoding with exact verification, batched, rows advancing at their own pace.
 
     A round (DESIGN.md): the MTP layer drafts d_1..d_gamma; the backbone verifies [x_L, d_1..d_gamma]
     at positions L..L+gamma in one forward; rejection_sample accepts n drafts and adds one token.
     draft="sample" is rejection sampling (RS); draft="greedy" is target-only verification (TO).
     Pass a list as `trace` to record every round's internals (tests and the tutorial use it; eager only).
-    cuda_graphs: None = on for a CUDA model without a trace, True/False to force (section 6)."""
+    cuda_graphs: None = on for a CUDA model without a trace, True/False to force (section 6).
+    debug=True checks every round's p and q with check_distributions (host syncs; eager)."""
     if draft not in DRAFT_RULES:
         raise ValueError(f"unknown draft rule {draft!r}; choose one of {DRAFT_RULES}")
-    if not isinstance(gamma, int) or gamma < 1:
-        raise ValueError(f"gamma must be an integer >= 1, got {gamma}")
+    K = model.config.mtp_train_steps
+    if not is_integer(gamma) or not 1 <= int(gamma) <= K:
+        raise ValueError(f"gamma must be an integer in 1..{K} (the depth the MTP layer was trained to), got {gamma!r}")
     if trace is not None and cuda_graphs:
         raise ValueError("trace records every round eagerly: pass cuda_graphs=False (or None) with it")
-    check_sampling_args(temperature, eos, model.config.vocab_size)
+    check_sampling_args(model, max_new_tokens, temperature, eos, generator, trace)
+    max_new_tokens, temperature, eos = int(max_new_tokens), float(temperature), None if eos is None else int(eos)
+    gamma = int(gamma)
     idx, lengths, ragged = prepare_prompts(model, prompt, max_new_tokens, lookahead=gamma)
     B, P = idx.shape
     key = ("speculative", B, P, max_new_tokens, gamma, temperature, draft, eos)
     prefill = lambda caches: speculative_prefill(model, caches, idx, lengths, max_new_tokens, gamma, temperature,
                                                  generator, eos)
     step = functools.partial(speculative_round, model, gamma=gamma, temperature=temperature, greedy=draft == "greedy",
-                             eos=eos, max_new_tokens=max_new_tokens, trace=trace)
+                             eos=eos, max_new_tokens=max_new_tokens, trace=trace, debug=debug)
     # Every active row gains at least one token per round, so max_new_tokens - 1 rounds always suffice.
     s = decoding_loop(model, key, B, P + max_new_tokens + gamma, prefill, step, generator, max_new_tokens - 1,
-                      False if trace is not None else cuda_graphs)
+                      False if trace is not None or debug else cuda_graphs)
     stats = acceptance_stats(s.histogram.tolist(), s.reached.tolist(), s.accepted.tolist())
     stats.update(target_forwards=int(s.rounds) + 1, rounds=int(s.rounds))
     # Copies: with CUDA graphs the state is reused by the next call of this shape.
@@ -1079,9 +1150,10 @@ def sft_loss(model: GPT, seq, lengths):
     return (ce * mask).sum() / mask.sum()
 
 
-def mtp_training_loss(model: GPT, kind: str, seq, lengths, n_steps: int):
-    """MTP loss teacher-forced on sequences; the backbone is frozen (no gradient reaches it)."""
-    target_logits, x = model.mtp_features(seq, n_steps)
+def mtp_training_loss(model: GPT, kind: str, seq, lengths, n_steps: int, backbone=None):
+    """MTP loss teacher-forced on sequences; the backbone is frozen (no gradient reaches it). backbone:
+    model.backbone_outputs(seq) if already computed (heads trained on one fixed set can share it)."""
+    target_logits, x = model.mtp_features(seq, n_steps, backbone)
     draft, target, labels, mask = mtp_chain_targets(seq, lengths, target_logits, x)
     # The shared head is applied inside the loss (the TV losses fuse it, never holding all the logits);
     # detached, so that the MTP loss reaches only the MTP weights.
@@ -1095,11 +1167,13 @@ def group_advantages(rewards, group_size: int, eps: float = 1e-6):
     return ((R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + eps)).flatten()
 
 
-def grpo_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2, kl_coef: float = 0.0, ref_logp=None):
+def grpo_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2, kl_coef: float = 0.0, ref_logp=None,
+              entropy_coef: float = 0.0, entropy=None):
     """Clipped-ratio surrogate (Eq. 3), averaged per token within a sample, then over samples.
 
     logp (B, T) from the trainer's forward; old_logp (B, T) straight from the rollout (no extra
-    forward); optional k3 estimate of KL(pi || pi_ref) to a frozen reference."""
+    forward); optional k3 estimate of KL(pi || pi_ref) to a frozen reference; optional entropy bonus
+    entropy_coef * H(pi) per token (entropy (B, T) with gradient; negative coef pushes entropy down)."""
     # With one update per batch of rollouts and fp32 rollout weights, the ratio starts at 1 up to float
     # rounding (exact sampling: the rollout's log-probs are the policy's), so the gradient is A * grad log p.
     # With bf16 rollout weights (or bf16 autocast in the trainer) the two forwards round differently and
@@ -1111,6 +1185,8 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2, kl_coef: 
     if kl_coef > 0:
         log_r = ref_logp - logp
         per_token = per_token + kl_coef * (torch.exp(log_r) - log_r - 1)
+    if entropy_coef != 0:
+        per_token = per_token - entropy_coef * entropy
     mask = mask.float()
     return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
@@ -1168,7 +1244,7 @@ class TrainConfig:
     sft_steps: int = 1000
     sft_lr: float = 3e-3
     batch_size: int = 64
-    mtp_steps: int = 400
+    mtp_steps: int = 200
     mtp_lr: float = 3e-3
     mtp_loss: str = "e2e_tv"     # the paper's headline objective (Eq. 13)
     mtp_data: str = "policy"     # "policy": the frozen policy's own samples (paper's RFT data); "sft": SFT data
@@ -1180,6 +1256,7 @@ class TrainConfig:
     group_size: int = 16
     clip_eps: float = 0.2
     kl_coef: float = 0.0
+    entropy_coef: float = 0.0    # + rewards policy entropy, - penalises it; 0 is the recipe (moves H on purpose)
     temperature: float = 1.0     # sampling temperature of the rollouts; the trainer's log-probs use the same
     gamma: int = 3               # drafted tokens per round at rollout time (paper: 3)
     rollout: str = "spec"        # "spec" (MTP speculative, RS) or "ar" (plain)
@@ -1269,30 +1346,75 @@ def gather_objects(obj, world: Dist):
     return out
 
 
-class Run:
-    """Output folder, JSON-lines log and per-stage checkpoints of one `python bebop.py` run."""
+class RunError(ValueError):
+    """A run that cannot start or go on as asked: bebop says why in one line and exits."""
 
-    def __init__(self, out: str, train: TrainConfig, model_cfg: GPTConfig, resume: bool, world: Dist = Dist()):
-        self.out, self.train, self.model_cfg, self.world = out, train, model_cfg, world
-        self.log_file = None
-        if world.master:
-            os.makedirs(out, exist_ok=True)
-            if not resume:
-                for stage in STAGES:
-                    if os.path.exists(self.path(stage)):
-                        os.remove(self.path(stage))
-            self.log_file = open(os.path.join(out, "log.jsonl"), "a" if resume else "w")
+
+class CheckpointError(RunError):
+    """A checkpoint that cannot be used: unreadable, truncated, hand-edited, or from other settings."""
+
+
+STAGES = ("sft", "mtp", "grpo")
+# The settings each stage's result depends on (a stage depends on the ones before it too). Resuming a stage
+# whose checkpoint was made with other values of these would not continue it exactly: refused.
+STAGE_SETTINGS = {
+    "sft": ("preset", "seed", "task_seed", "sft_steps", "sft_lr", "batch_size", "grad_clip", "precision"),
+    "mtp": ("mtp_steps", "mtp_lr", "mtp_loss", "mtp_data", "mtp_ce_warmup"),
+    "grpo": ("rl_steps", "rl_lr", "rl_prompts", "group_size", "clip_eps", "kl_coef", "temperature", "gamma",
+             "rollout", "draft", "mtp_online", "mtp_online_lr", "entropy_coef"),
+}
+CHECKPOINT_KEYS = ("stage", "step", "done", "model", "optimizers", "rng", "world_size", "train", "model_config", "extra")
+
+
+class Run:
+    """Output folder, JSON-lines log and per-stage checkpoints of one `python bebop.py` run.
+
+    Work is never lost: a fresh run refuses an --out that holds another run's checkpoints unless told
+    `overwrite`, and even then removes nothing until it has a checkpoint of its own to put in their place;
+    `resume` continues only checkpoints made with the same settings."""
+
+    def __init__(self, out: str, train: TrainConfig, model_cfg: GPTConfig, resume: bool, world: Dist = Dist(),
+                 overwrite: bool = False, first_stage: str = "sft"):
+        self.out, self.train, self.model_cfg, self.world, self.resume = out, train, model_cfg, world, resume
+        self.stale = []              # another run's checkpoints, removed once this run has saved its own
+        self.log_file, self.log_mode = None, "a" if resume else "w"
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise RunError(f"--out {out} is a file; give a folder (it is created if missing)")
+        try:
+            if world.master:
+                os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot create --out {out}: {e.strerror}") from None
+        if world.master and not os.access(out, os.W_OK | os.X_OK):
+            raise RunError(f"--out {out} is not writable")
+        found = [stage for stage in STAGES if os.path.exists(self.path(stage))]
+        if resume:
+            if not found and world.master and first_stage == "sft":
+                print(f"bebop: nothing to resume in {out}: starting from scratch")
+            earlier = STAGES[STAGES.index(first_stage):STAGES.index(found[-1])] if found else ()
+            missing = [stage for stage in earlier if stage not in found]   # (experiments keep one stage a folder)
+            if missing:
+                raise CheckpointError(f"{out} holds {found[-1]}.pt but no {missing[0]}.pt: a later stage without an "
+                                      f"earlier one cannot be continued; move the folder away or use another --out")
+        elif found and not overwrite:
+            raise RunError(f"{out} holds checkpoints of another run ({', '.join(s + '.pt' for s in found)}); "
+                           f"continue it with --resume, replace it with --overwrite, or use another --out")
+        else:
+            self.stale = found
         if world.world_size > 1:
             import torch.distributed as dist
-            dist.barrier()   # the folder is ready (and stale checkpoints gone) before anyone reads it
+            dist.barrier()   # the folder is ready before anyone reads it
 
     def path(self, stage):
         return os.path.join(self.out, f"{stage}.pt")
 
     def log(self, stage, step, **metrics):
-        if self.log_file is not None:
-            self.log_file.write(json.dumps(dict(stage=stage, step=step, **metrics)) + "\n")
-            self.log_file.flush()
+        if not self.world.master:
+            return
+        if self.log_file is None:   # opened at the first entry: an overwritten run's log lasts until then
+            self.log_file = open(os.path.join(self.out, "log.jsonl"), self.log_mode)
+        self.log_file.write(json.dumps(dict(stage=stage, step=step, **metrics)) + "\n")
+        self.log_file.flush()
 
     def save(self, stage, step, done, model, optimizers, generators, extra=None):
         """Every rank takes part (each has its own random streams); rank 0 writes."""
@@ -1303,34 +1425,41 @@ class Run:
                              optimizers=[o.state_dict() for o in optimizers], rng=rng, world_size=self.world.world_size,
                              train=asdict(self.train), model_config=asdict(self.model_cfg), extra=extra or {}),
                         self.path(stage))
+            for old in self.stale:   # this run now has a checkpoint: the other run's are superseded
+                if old != stage and os.path.exists(self.path(old)):
+                    os.remove(self.path(old))
+            self.stale = []
 
     def load(self, stage):
-        """The stage's checkpoint, or None. A checkpoint that is unreadable, was made with another model
-        config or another number of ranks is refused with a message; the file is left as it is."""
+        """The stage's checkpoint when resuming, else None. A checkpoint that is unreadable, lacks a key,
+        was made with another model config, other settings of this stage or the ones before it, or another
+        number of ranks is refused with a message; the file is left as it is."""
         path = self.path(stage)
-        if not os.path.exists(path):
+        if not self.resume or not os.path.exists(path):
             return None
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            ckpt["model_config"], ckpt["model"], ckpt["rng"]
+            missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
         except Exception as e:
             raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}); "
-                             f"move it away or run without --resume") from None
+                                  f"move it away or run without --resume") from None
+        if missing:
+            raise CheckpointError(f"checkpoint {path} is unreadable or truncated (no {missing[0]!r}); "
+                                  f"move it away or run without --resume")
         for key, now in asdict(self.model_cfg).items():
             then = ckpt["model_config"].get(key)
             if then != now:
                 raise CheckpointError(f"checkpoint {path} was made with {key}={then}, this run has {key}={now}")
+        keys = [k for s in STAGES[:STAGES.index(stage) + 1] for k in STAGE_SETTINGS[s]]
+        now = asdict(self.train)
+        differ = [f"{k} {ckpt['train'].get(k)!r} -> {now[k]!r}" for k in keys if ckpt["train"].get(k) != now[k]]
+        if differ:
+            raise CheckpointError(f"checkpoint {path} was made with other settings ({', '.join(differ)}); resume "
+                                  f"with the same flags, or start afresh with --overwrite or another --out")
         if ckpt["world_size"] != self.world.world_size:
             raise CheckpointError(f"checkpoint {path} was made with {ckpt['world_size']} ranks, this run has "
-                             f"{self.world.world_size}; resume with the same --nproc_per_node")
+                                  f"{self.world.world_size}; resume with the same --nproc_per_node")
         return ckpt
-
-
-STAGES = ("sft", "mtp", "grpo")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: unreadable, truncated, or from another configuration."""
 
 
 def run_stage(run: Run, stage: str, steps: int, step_fn, model, optimizers, generators, describe, extra=None):
@@ -1342,9 +1471,15 @@ def run_stage(run: Run, stage: str, steps: int, step_fn, model, optimizers, gene
     start = 0
     ckpt = run.load(stage)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        for optimizer, state in zip(optimizers, ckpt["optimizers"]):
-            optimizer.load_state_dict(state)
+        try:
+            model.load_state_dict(ckpt["model"])
+            if len(ckpt["optimizers"]) != len(optimizers):
+                raise ValueError("optimizers")
+            for optimizer, state in zip(optimizers, ckpt["optimizers"]):
+                optimizer.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {run.path(stage)} is unreadable or truncated (it does not fit this "
+                                  f"model: {str(e).splitlines()[0][:120]}); move it away or run without --resume") from None
         rng = ckpt["rng"][run.world.rank]
         for g, state in zip(generators, rng["generators"]):
             g.set_state(state)
@@ -1367,10 +1502,17 @@ def run_stage(run: Run, stage: str, steps: int, step_fn, model, optimizers, gene
                    mininterval=0.5, disable=not run.world.master)
         for step in bar:
             metrics = step_fn(step)
+            if not math.isfinite(metrics["loss"]):   # the weights are already spoiled: save nothing
+                bar.close()
+                raise RunError(f"{stage} step {step}: the loss is {metrics['loss']}; stopped. The last checkpoint "
+                               + (f"({run.path(stage)}) is kept" if os.path.exists(run.path(stage)) else
+                                  "of this stage was never written") + "; lower a learning rate or a coefficient")
             run.log(stage, step, **metrics)
             bar.set_postfix_str(describe(metrics), refresh=False)
             if all_reduce([float(bool(interrupted))], run.world, op="sum")[0] > 0:
                 run.save(stage, step + 1, False, model, optimizers, generators, extra)
+                bar.n = step + 1                           # the bar shows the step that was saved
+                bar.refresh()
                 bar.close()
                 raise KeyboardInterrupt(f"saved {run.path(stage)} at step {step + 1}; continue with --resume")
             if (step + 1) % run.train.ckpt_every == 0 and step + 1 < steps:
@@ -1480,8 +1622,8 @@ def train_mtp(run: Run, model: GPT, task: DigitSumTask, gen_data, device, data=N
     """Pre-RL MTP training: the backbone is frozen, the MTP layer learns to match its own law.
 
     Data (mtp_data): "policy" (default, the paper's) is one epoch over mtp_steps x batch_size sequences
-    the frozen policy wrote itself (`data`, a function returning them, may hand in one set that several
-    heads share); "sft" draws fresh SFT examples, whose law is not the policy's. `until` stops after that
+    the frozen policy wrote itself (`data`, a function returning (seq, lengths) or (seq, lengths, backbone
+    hidden, backbone logits), may hand in one set that several heads share); "sft" draws fresh SFT examples, whose law is not the policy's. `until` stops after that
     many steps (the schedule still spans mtp_steps), so heads can share their CE warm-up. As in the paper, the chosen objective is a
     pass over a head that was first trained with CE (the way real MTP heads come out of pretraining):
     TV's gradient q (S - 1 + 1[q > p]) vanishes on tokens the head gives no mass, so a cold-started TV
@@ -1499,21 +1641,20 @@ def train_mtp(run: Run, model: GPT, task: DigitSumTask, gen_data, device, data=N
             return task.sft_batch(B, gen_data)
         if "data" not in pool:   # made on first use (a resumed run regenerates the same set), then shuffled
             g = torch.Generator().manual_seed(tc.seed + 2 + 1000 * world.rank)
-            seq, lengths = data() if data is not None else policy_samples(model, task, tc.mtp_steps * B, g)
-            if seq.size(0) < tc.mtp_steps * B:
-                raise ValueError(f"MTP data has {seq.size(0)} sequences; {tc.mtp_steps} steps x {B} need more")
-            order = torch.randperm(seq.size(0), generator=g)[:tc.mtp_steps * B]
-            pool["data"] = seq[order], lengths[order]
-        seq, lengths = pool["data"]
-        return seq[step * B:(step + 1) * B], lengths[step * B:(step + 1) * B]
+            columns = data() if data is not None else policy_samples(model, task, tc.mtp_steps * B, g)
+            if columns[0].size(0) < tc.mtp_steps * B:
+                raise ValueError(f"MTP data has {columns[0].size(0)} sequences; {tc.mtp_steps} steps x {B} need more")
+            order = torch.randperm(columns[0].size(0), generator=g)[:tc.mtp_steps * B]
+            pool["data"] = [c[order.to(c.device)] for c in columns]
+        return [c[step * B:(step + 1) * B] for c in pool["data"]]
 
     def step_fn(step):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc.mtp_steps, tc.mtp_lr, warmup=min(50, tc.mtp_steps // 10 + 1))
         kind = "ce" if step < warmup_steps else tc.mtp_loss
-        seq, lengths = batch(step)
+        seq, lengths, *backbone = batch(step)
         with autocast(tc, device):
-            loss = mtp_training_loss(model, kind, seq.to(device), lengths.to(device), K)
+            loss = mtp_training_loss(model, kind, seq.to(device), lengths.to(device), K, backbone or None)
         optimizer_step(loss, opt, params, world, tc.grad_clip)
         return dict(loss=all_reduce([loss.item()], world)[0], objective=kind)
 
@@ -1533,8 +1674,10 @@ def rollout(model: GPT, tc: TrainConfig, idx, max_new_tokens: int, generator):
                     cuda_graphs=graphs)
 
 
-def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, device, extra):
-    """GRPO with rollouts from speculative decoding and, by default, a frozen MTP layer (the recipe)."""
+def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, device, extra, probe=None):
+    """GRPO with rollouts from speculative decoding and, by default, a frozen MTP layer (the recipe).
+    probe(step, model, roll), if given, returns extra numbers to log for each step, measured on the policy
+    that wrote the step's rollouts (before its update): the experiments measure several heads that way."""
     tc, world, G = run.train, run.world, run.train.group_size
     params = backbone_parameters(model)
     opt = torch.optim.AdamW(params, lr=tc.rl_lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -1560,13 +1703,15 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
         rollout_s = time.perf_counter() - t0
         rewards, correct = task.reward(roll.new_tokens, S, N)
         advantages = group_advantages(rewards, G)
+        probed = probe(step, model, roll) if probe is not None else {}
 
         model.train()
         with autocast(tc, device):
             logp, entropy = policy_logprobs(model, roll.tokens, PROMPT_LEN, tc.temperature)
             ref_logp = (policy_logprobs(ref, roll.tokens, PROMPT_LEN, tc.temperature)[0].detach()
                         if ref is not None else None)
-        loss = grpo_loss(logp, roll.logprobs, advantages, roll.mask, tc.clip_eps, tc.kl_coef, ref_logp)
+        loss = grpo_loss(logp, roll.logprobs, advantages, roll.mask, tc.clip_eps, tc.kl_coef, ref_logp,
+                         tc.entropy_coef, entropy)
         optimizer_step(loss, opt, params, world, tc.grad_clip)
         if mtp_opt:
             lengths = PROMPT_LEN + roll.mask.sum(1)
@@ -1593,7 +1738,7 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
                        drafts_reached=sums[3:3 + gamma], drafts_accepted=sums[3 + gamma:],
                        acceptance=[a / max(r, 1) for a, r in zip(sums[3 + gamma:], sums[3:3 + gamma])] or None)
         extra["recent"] = (extra.get("recent", []) + [metrics])[-10:]
-        return metrics
+        return {**metrics, **probed}
 
     def describe(m):
         acc = "" if m["acceptance"] is None else " alpha " + "/".join(f"{a:.2f}" for a in m["acceptance"])
@@ -1619,19 +1764,31 @@ def recent_acceptance(recent):
 # All start from one SFT checkpoint (out/sft.pt, trained once and reused); MTP heads and RL runs are
 # cached in out/exp_*/ so an interrupted sweep resumes. Results go to out/experiments.json.
 
-EXPERIMENTS = ("losses", "temperature", "rl", "entropy", "boundary")
+EXPERIMENTS = ("losses", "temperature", "rl", "entropy", "decomposition", "boundary")
 TEMPERATURES = (0.3, 0.5, 0.7, 0.9, 1.1, 1.3, 1.5)
+
+
+def fit_line(x, y):
+    """Least-squares line y = a + b x: dict(slope b, 95% interval of b, intercept a, points). The interval
+    uses the slope's standard error and a t quantile (approximated as 1.96 + 2.4/dof)."""
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    xc = x - x.mean()
+    sxx = (xc * xc).sum().clamp(min=1e-12)
+    b = float((xc * (y - y.mean())).sum() / sxx)
+    a = float(y.mean() - b * x.mean())
+    dof = max(len(x) - 2, 1)
+    se = float((((y - a - b * x) ** 2).sum() / dof / sxx).sqrt())
+    half = (1.96 + 2.4 / dof) * se
+    return dict(slope=b, ci=(b - half, b + half), intercept=a, points=len(x))
 
 
 def fit_slope(x, y):
     """Least-squares slope of y on x."""
-    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
-    x = x - x.mean()
-    return float((x * (y - y.mean())).sum() / (x * x).sum().clamp(min=1e-12))
+    return fit_line(x, y)["slope"]
 
 
 @torch.no_grad()
-def teacher_forced_acceptance(model: GPT, tokens, mask, depth: int, temperature: float = 1.0):
+def teacher_forced_acceptance(model: GPT, tokens, mask, depth: int, temperature: float = 1.0, backbone=None):
     """Expected acceptance of every drafted position of some sequences, teacher-forced, no sampling noise.
 
     For each anchor of the answers (prompt length PROMPT_LEN, `mask` marks the kept new tokens) and draft
@@ -1641,7 +1798,7 @@ def teacher_forced_acceptance(model: GPT, tokens, mask, depth: int, temperature:
     draft-consistency test proves it); deeper, q conditions on the sequence's own next tokens, as Eq. 12
     and the e2e TV loss assume."""
     lengths = PROMPT_LEN + mask.sum(1)
-    target_logits, draft_logits = model.mtp_logits(tokens, depth)
+    target_logits, draft_logits = model.mtp_logits(tokens, depth, backbone)
     draft, target, _, valid = mtp_chain_targets(tokens, lengths, target_logits, draft_logits)
     p, q = probs_from_logits(target, temperature), probs_from_logits(draft, temperature)
     entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)
@@ -1701,11 +1858,14 @@ class Lab:
         self.heads = {}
 
     def mtp_data(self):
+        """The heads' training set, with the frozen backbone's outputs on it computed once for all heads."""
         if self.data is None:
             model = GPT(self.cfg).to(self.device)
             model.load_state_dict(self.sft_state)
             g = torch.Generator().manual_seed(self.tc.seed + 2)
-            self.data = policy_samples(model, self.task, self.tc.mtp_steps * self.tc.batch_size, g)
+            seq, lengths = policy_samples(model, self.task, self.tc.mtp_steps * self.tc.batch_size, g)
+            outs = [model.backbone_outputs(chunk.to(self.device)) for chunk in seq.split(1024)]
+            self.data = (seq, lengths) + tuple(torch.cat(parts) for parts in zip(*outs))
         return self.data
 
     def train_head(self, loss: str, seed: int):
@@ -1719,13 +1879,15 @@ class Lab:
         torch.manual_seed(1000 + seed)
         model.mtp.load_state_dict(GPT(self.cfg).mtp.state_dict())       # this seed's fresh MTP layer
         if warm and not os.path.exists(os.path.join(folder, "mtp.pt")):
-            warm_run = Run(os.path.join(self.out, f"exp_mtp_warmup_s{seed}"), tc, self.cfg, resume=True)
+            warm_tc = TrainConfig(**{**asdict(tc), "mtp_loss": "ce"})   # the warm-up is CE whatever the loss
+            warm_run = Run(os.path.join(self.out, f"exp_mtp_warmup_s{seed}"), warm_tc, self.cfg, resume=True,
+                           first_stage="mtp")
             train_mtp(warm_run, model, self.task, torch.Generator().manual_seed(tc.seed), self.device,
                       data=self.mtp_data, until=warm)
             ckpt = torch.load(warm_run.path("mtp"), map_location="cpu", weights_only=False)
-            os.makedirs(folder, exist_ok=True)
-            atomic_save({**ckpt, "done": False}, os.path.join(folder, "mtp.pt"))   # continue from here
-        run = Run(folder, tc, self.cfg, resume=True)
+            os.makedirs(folder, exist_ok=True)   # continue from here, as this loss's run
+            atomic_save({**ckpt, "done": False, "train": asdict(tc)}, os.path.join(folder, "mtp.pt"))
+        run = Run(folder, tc, self.cfg, resume=True, first_stage="mtp")
         train_mtp(run, model, self.task, torch.Generator().manual_seed(tc.seed), self.device, data=self.mtp_data)
         return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -1809,70 +1971,217 @@ def experiment_temperature(lab: Lab):
     return result
 
 
-RL_VARIANTS = {  # name: (MTP loss of the frozen start, draft rule, online MTP loss)
-    "rs_e2e_tv": ("e2e_tv", "sample", "none"),
-    "rs_ce": ("ce", "sample", "none"),
-    "to_ce": ("ce", "greedy", "none"),
-    "rs_tv_online_ce": ("e2e_tv", "sample", "ce"),
-    "rs_tv_online_tv": ("e2e_tv", "sample", "tv"),
+ENTROPY_COEF = 0.15  # GRPO entropy bonus of the rl experiment's entropy_up / entropy_down runs (+ and -)
+RL_RUNS = {   # name: (entropy coefficient, learning-rate scale, step-count scale, online MTP loss)
+    "entropy_up": (ENTROPY_COEF, 1, 0.6, "none"),   # 0.6 x rl_steps each: 60 steps on the cpu preset
+    "recipe": (0.0, 1, 0.6, "none"),
+    "entropy_down": (-ENTROPY_COEF, 1, 0.6, "none"),
+    "small_lr": (0.0, 0.25, 1.2, "none"),           # the paper's regime: smaller steps (4x), twice as many
+    "online_ce": (0.0, 1, 0.6, "ce"),               # the e2e-TV head updated online with CE ...
+    "online_e2e_tv": (0.0, 1, 0.6, "e2e_tv"),       # ... or with its own loss
 }
+PROBE_HEADS = ("ce", "kl", "e2e_tv")   # frozen heads measured on every run's rollouts (teacher-forced)
+DRIFT_EVERY = 10                        # RL steps between measurements on the fixed held-out contexts
+
+
+def token_kl(logp, logq, valid):
+    """Mean over valid positions of KL(p || q) from log-probs (..., V)."""
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    return ((kl * valid).sum() / valid.sum()).item()
+
+
+def rl_probe(lab: Lab, online: bool):
+    """What the rl experiment logs each GRPO step besides GRPO's own numbers. Exact verification makes the
+    rollouts independent of the drafter, so every frozen head is measured on the same run's rollouts,
+    teacher-forced (expected acceptance, no sampling noise): per depth RS (1 - d_TV) and TO (p(argmax q))
+    and Eq. 12's tokens per forward, plus the head's own draft entropy H(q_1). Every DRIFT_EVERY steps, on
+    the fixed held-out contexts (whose tokens never change, so entropy cannot move anything there): each
+    head's RS acceptance against the current policy, and KL(pi_t || pi_0)."""
+    heads = {name: {k[4:]: v for k, v in lab.policy_with_head(name).state_dict().items() if k.startswith("mtp.")}
+             for name in PROBE_HEADS}
+    scratch = GPT(lab.cfg).to(lab.device).eval()
+    tokens, mask = lab.contexts
+    with torch.no_grad():
+        sft = GPT(lab.cfg).to(lab.device)
+        sft.load_state_dict(lab.sft_state)
+        start_logp = F.log_softmax(sft(tokens[:, :-1]).float(), -1)
+    answer = answer_mask(PROMPT_LEN + mask.sum(1), tokens.size(1) - 1, tokens.device)
+    gamma = lab.tc.gamma
+
+    @torch.no_grad()
+    def measure(step, model, roll):
+        scratch.load_state_dict(model.state_dict())
+        out = dict(teacher_forced={})
+        rows = slice(0, None, 2)   # every other rollout (one per pair of a group): half the cost, same law
+        seqs, kept = roll.tokens[rows], roll.mask[rows]
+        backbone = scratch.backbone_outputs(seqs)          # shared by every head
+        drift = step % DRIFT_EVERY == 0
+        if drift:
+            fixed_backbone = scratch.backbone_outputs(tokens)
+            logp = F.log_softmax(fixed_backbone[1][:, :-1].float(), -1)
+            out.update(kl_to_start=token_kl(logp, start_logp, answer), fixed_context_acceptance={})
+        for name, state in list(heads.items()) + ([("online", None)] if online else []):
+            if state is not None:
+                scratch.mtp.load_state_dict(state)
+            else:
+                scratch.mtp.load_state_dict(model.mtp.state_dict())
+            tok = teacher_forced_acceptance(scratch, seqs, kept, gamma, backbone=backbone)
+            rs, to = per_depth(tok["rs"], tok["valid"]), per_depth(tok["to"], tok["valid"])
+            q1 = tok["q"][:, 0]
+            out["teacher_forced"][name] = dict(
+                rs=rs, to=to, rs_length=tokens_per_forward(rs), to_length=tokens_per_forward(to),
+                draft_entropy=(-(q1 * q1.clamp(min=1e-30).log()).sum(-1)).mean().item())
+            if drift:
+                fixed = teacher_forced_acceptance(scratch, tokens, mask, gamma, backbone=fixed_backbone)
+                out["fixed_context_acceptance"][name] = per_depth(fixed["rs"], fixed["valid"])
+        return out
+    return measure
 
 
 def experiment_rl(lab: Lab):
-    """Fig. 6 / 9a: acceptance through GRPO from one start, frozen heads vs online MTP updates."""
+    """Fig. 1a / 3 / 6 / 9a: GRPO runs whose entropy moves (an entropy bonus of either sign), the recipe,
+    a smaller learning rate, and online MTP updates; all roll out with RS drafts of the e2e-TV head, and
+    all log the frozen heads' teacher-forced acceptance per step (rl_probe)."""
     result = {}
-    for name, (loss, draft, online) in RL_VARIANTS.items():
-        model = lab.policy_with_head(loss)
-        tc = TrainConfig(**{**asdict(lab.tc), "mtp_loss": loss, "draft": draft, "mtp_online": online})
-        run = Run(os.path.join(lab.out, f"exp_rl_{name}"), tc, lab.cfg, resume=True)
+    for name, (coef, lr_scale, steps_scale, online) in RL_RUNS.items():
+        model = lab.policy_with_head("e2e_tv")
+        tc = TrainConfig(**{**asdict(lab.tc), "mtp_loss": "e2e_tv", "draft": "sample", "mtp_online": online,
+                            "entropy_coef": coef, "rl_lr": lab.tc.rl_lr * lr_scale,
+                            "rl_steps": max(2, int(lab.tc.rl_steps * steps_scale))})
+        run = Run(os.path.join(lab.out, f"exp_rl_{name}"), tc, lab.cfg, resume=True, first_stage="grpo")
         train_grpo(run, model, lab.task, torch.Generator().manual_seed(tc.seed),
-                   torch.Generator(lab.device).manual_seed(tc.seed + 1), lab.device, {})
+                   torch.Generator(lab.device).manual_seed(tc.seed + 1), lab.device, {},
+                   probe=rl_probe(lab, online != "none"))
         log = [json.loads(line) for line in open(os.path.join(run.out, "log.jsonl"))]
         log = [m for m in log if m["stage"] == "grpo"][-tc.rl_steps:]
-        result[name] = dict(accept_length=[m["accept_length"] for m in log], entropy=[m["entropy"] for m in log],
-                            acceptance=[m["acceptance"] for m in log], reward=[m["reward"] for m in log])
-    print("\nrl (paper Fig. 6/9a; expect a frozen TV head to hold, CE updates to pull a TV head down)")
-    print(f"  {'run':18} {'accept len first 10 -> last 10':32} {'entropy first -> last':24} reward")
+        heads = list(log[0]["teacher_forced"])
+        drift = [m for m in log if "kl_to_start" in m]
+        result[name] = dict(
+            entropy_coef=coef, lr=tc.rl_lr, head="e2e_tv", draft="sample", online=online, steps=len(log),
+            entropy=[m["entropy"] for m in log], reward=[m["reward"] for m in log],
+            accept_length=[m["accept_length"] for m in log], acceptance=[m["acceptance"] for m in log],
+            teacher_forced_acceptance={h: {k: [m["teacher_forced"][h][k] for m in log] for k in
+                                           ("rs", "to", "rs_length", "to_length", "draft_entropy")} for h in heads},
+            drift_steps=[m["step"] - log[0]["step"] for m in drift], kl_to_start=[m["kl_to_start"] for m in drift],
+            fixed_context_acceptance={h: [m["fixed_context_acceptance"][h] for m in drift] for h in heads})
+    print("\nrl: GRPO runs, RS drafts of the e2e-TV head; first 10 -> last 10 steps (teacher-forced = expected "
+          "tokens per forward, Eq. 12)")
+    print(f"  {'run':14} {'entropy':>15} {'reward':>13} {'counted len':>13} {'TF RS-e2eTV':>13} {'TF RS-CE':>13} "
+          f"{'TF TO-CE':>13} {'fixed-ctx a1':>13} {'KL to start':>11}")
     mean = lambda x: sum(x) / len(x)
+    ends = lambda x: f"{mean(x[:10]):.2f} -> {mean(x[-10:]):.2f}"
     for name, r in result.items():
-        a, h, w = r["accept_length"], r["entropy"], r["reward"]
-        print(f"  {name:18} {mean(a[:10]):6.3f} -> {mean(a[-10:]):6.3f}{'':16} {mean(h[:10]):6.3f} -> "
-              f"{mean(h[-10:]):6.3f}{'':8} {mean(w[:10]):.3f} -> {mean(w[-10:]):.3f}")
+        tf = r["teacher_forced_acceptance"]
+        fixed = r["fixed_context_acceptance"]["e2e_tv"]
+        print(f"  {name:14} {ends(r['entropy']):>15} {ends(r['reward']):>13} {ends(r['accept_length']):>13} "
+              f"{ends(tf['e2e_tv']['rs_length']):>13} {ends(tf['ce']['rs_length']):>13} {ends(tf['ce']['to_length']):>13} "
+              f"{fixed[0][0]:.3f} -> {fixed[-1][0]:.3f} {r['kl_to_start'][-1]:11.4f}")
     return result
 
 
-def experiment_entropy(lab: Lab, rl_result):
-    """Fig. 1a: acceptance against the target's entropy, per token and per RL step.
+FIG1A_RULES = {   # rule: (frozen head, teacher-forced series) as the paper's Fig. 1a lines
+    "to": ("ce", "to_length"), "rs_ce": ("ce", "rs_length"), "rs_e2e_tv": ("e2e_tv", "rs_length")}
+ENTROPY_RUNS = ("entropy_up", "recipe", "entropy_down")
 
-    Per token: rollouts at temperatures 0.7, 1.0 and 1.3 (to widen the entropy range honestly), each
-    drafted position's expected acceptance against H(p). Per RL step: each GRPO step's mean entropy and
-    accept length from the `rl` runs, as the paper plots it."""
+
+def experiment_entropy(lab: Lab, rl_result):
+    """Fig. 1a in the paper's units: accept length (tokens per target forward, gamma = 3, bonus included;
+    teacher-forced on each step's rollouts) against the policy's mean entropy, one point per RL step,
+    pooled over the runs whose entropy moves, with a 95% interval. And the per-token view: depth-1
+    acceptance alpha_1 against H(p) over drafted tokens of rollouts at temperatures 0.7, 1.0 and 1.3."""
+    runs = [rl_result[name] for name in ENTROPY_RUNS]
+    H = [h for r in runs for h in r["entropy"]]
+    slope = {}
+    for rule, (head, series) in FIG1A_RULES.items():
+        slope[rule] = fit_line(H, [y for r in runs for y in r["teacher_forced_acceptance"][head][series]])
+    slope["rs_e2e_tv_counted"] = fit_line(H, [y for r in runs for y in r["accept_length"]])
+    per_run = {name: {rule: fit_line(rl_result[name]["entropy"],
+                                     rl_result[name]["teacher_forced_acceptance"][head][series])["slope"]
+                      for rule, (head, series) in FIG1A_RULES.items()} for name in ENTROPY_RUNS}
+    spans = {name: (min(rl_result[name]["entropy"]), max(rl_result[name]["entropy"])) for name in rl_result}
+    # Teacher-forced against counted accept length of the drafting head: the approximation NOTES-style
+    # expected acceptance makes beyond depth 1, measured.
+    tf_gap = [c - t for r in rl_result.values() if r["online"] == "none"
+              for c, t in zip(r["accept_length"], r["teacher_forced_acceptance"]["e2e_tv"]["rs_length"])]
     rs_ce, rs_tv = lab.policy_with_head("ce"), lab.policy_with_head("e2e_tv")
-    H, acc = [], {"to": [], "rs_ce": [], "rs_e2e_tv": []}
+    Ht, acc = [], {"to": [], "rs_ce": [], "rs_e2e_tv": []}
     for T in (0.7, 1.0, 1.3):
         roll = lab.rollouts("e2e_tv", T)
         ce = teacher_forced_acceptance(rs_ce, roll.tokens, roll.mask, 1, T)
         tv = teacher_forced_acceptance(rs_tv, roll.tokens, roll.mask, 1, T)
-        H.append(tv["entropy"][:, 0])
+        Ht.append(tv["entropy"][:, 0])
         acc["to"].append(ce["to"][:, 0])
         acc["rs_ce"].append(ce["rs"][:, 0])
         acc["rs_e2e_tv"].append(tv["rs"][:, 0])
-    H = torch.cat(H)
+    Ht = torch.cat(Ht)
     acc = {k: torch.cat(v) for k, v in acc.items()}
-    edges = torch.quantile(H.double(), torch.linspace(0, 1, 9, dtype=torch.float64))
-    bucket = torch.bucketize(H.double(), edges[1:-1])
-    buckets = [dict(entropy=H[bucket == b].mean().item(), tokens=int((bucket == b).sum()),
+    edges = torch.quantile(Ht.double(), torch.linspace(0, 1, 9, dtype=torch.float64))
+    bucket = torch.bucketize(Ht.double(), edges[1:-1])
+    buckets = [dict(entropy=Ht[bucket == b].mean().item(), tokens=int((bucket == b).sum()),
                     **{k: v[bucket == b].mean().item() for k, v in acc.items()}) for b in range(8)]
-    rl_slope = {k: fit_slope(rl_result[run]["entropy"], rl_result[run]["accept_length"])
-                for k, run in (("to", "to_ce"), ("rs_ce", "rs_ce"), ("rs_e2e_tv", "rs_e2e_tv"))}
-    spans = {run: (min(rl_result[run]["entropy"]), max(rl_result[run]["entropy"])) for run in ("to_ce", "rs_ce", "rs_e2e_tv")}
-    result = dict(slope={k: fit_slope(H, v) for k, v in acc.items()}, buckets=buckets, rl_slope=rl_slope,
-                  rl_entropy_span=spans, token_entropy_span=(H.min().item(), H.max().item()))
-    print("\nentropy (paper Fig. 1a: accept length per nat TO -1.68, RS-CE -1.68, RS-TV -0.06)")
-    print("  per token, depth-1 acceptance per nat: " + ", ".join(f"{k} {v:+.3f}" for k, v in result["slope"].items()))
-    print("  per RL step, accept length per nat:    " + ", ".join(f"{k} {v:+.3f}" for k, v in rl_slope.items()))
-    print("  buckets: " + "  ".join(f"H={b['entropy']:.2f}: TO {b['to']:.2f} RS-CE {b['rs_ce']:.2f} "
-                                    f"RS-TV {b['rs_e2e_tv']:.2f}" for b in buckets[::2]))
+    result = dict(slope=slope, slope_per_run=per_run, entropy_span=spans,
+                  teacher_forced_minus_counted=mean_std(tf_gap),
+                  token_alpha1_slope={k: fit_line(Ht, v) for k, v in acc.items()}, token_buckets=buckets,
+                  token_entropy_span=(Ht.min().item(), Ht.max().item()))
+    print("\nentropy (paper Fig. 1a: accept length per nat, one point per RL step: TO -1.68, RS-CE -1.68, RS-TV -0.06)")
+    print(f"  per RL step, pooled over {', '.join(ENTROPY_RUNS)} ({len(H)} steps, entropy "
+          f"{min(H):.2f}-{max(H):.2f} nats): " + ", ".join(
+              f"{k} {v['slope']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" for k, v in slope.items()))
+    print(f"  teacher-forced vs counted tokens per forward (drafting head, frozen runs): counted - expected = "
+          f"{result['teacher_forced_minus_counted'][0]:+.3f} +- {result['teacher_forced_minus_counted'][1]:.3f} per step")
+    print("  per token, alpha_1 (depth-1 acceptance) per nat: " + ", ".join(
+        f"{k} {v['slope']:+.3f}" for k, v in result["token_alpha1_slope"].items()))
+    return result
+
+
+def decompose(entropy, alpha, early: float = 1 / 3, base: int = 5):
+    """Eq. 16 for one run: delta alpha_t = alpha_t - alpha_0 = b (H_t - H_0) + residual, with b the slope of
+    alpha on H fitted on the run's first `early` fraction of steps; alpha_0, H_0 the means of the first
+    `base` steps (one step is noisy). Returns b with its interval and the per-step terms."""
+    n = max(len(entropy) * early, base + 2)
+    fit = fit_line(entropy[:int(n)], alpha[:int(n)])
+    H0, a0 = sum(entropy[:base]) / base, sum(alpha[:base]) / base
+    delta = [a - a0 for a in alpha]
+    term = [fit["slope"] * (h - H0) for h in entropy]
+    return dict(b=fit["slope"], b_ci=fit["ci"], delta=delta, entropy_term=term,
+                residual=[d - e for d, e in zip(delta, term)])
+
+
+def experiment_decomposition(lab: Lab, rl_result):
+    """Eq. 16 / Fig. 3 for every rl run and rule (TO-CE, RS-CE, RS-KL, RS-e2eTV; per depth and for the
+    accept length), and the drift measured directly: each frozen head's RS acceptance on fixed held-out
+    contexts, where entropy cannot change, beside KL(pi_t || pi_0); per unit of reward gained."""
+    rules = {"to_ce": ("ce", "to"), "rs_ce": ("ce", "rs"), "rs_kl": ("kl", "rs"), "rs_e2e_tv": ("e2e_tv", "rs")}
+    result = {}
+    mean = lambda x: sum(x) / len(x)
+    for name, r in rl_result.items():
+        tf, H = r["teacher_forced_acceptance"], r["entropy"]
+        entry = {}
+        for rule, (head, kind) in rules.items():
+            series = {f"depth{j + 1}": [a[j] for a in tf[head][kind]] for j in range(lab.tc.gamma)}
+            series["accept_length"] = tf[head][f"{kind}_length"]
+            entry[rule] = {k: decompose(H, v) for k, v in series.items()}
+        gain = mean(r["reward"][-10:]) - mean(r["reward"][:10])
+        fixed = r["fixed_context_acceptance"]
+        mismatch = {h: fixed[h][-1][0] - fixed[h][0][0] for h in fixed}
+        result[name] = dict(rules=entry, reward_gain=gain, entropy_change=mean(H[-10:]) - mean(H[:10]),
+                            fixed_context_change=mismatch, kl_to_start=r["kl_to_start"][-1],
+                            mismatch_per_reward={h: m / gain if gain > 0 else None for h, m in mismatch.items()},
+                            draft_entropy_change={h: mean(tf[h]["draft_entropy"][-10:]) - mean(tf[h]["draft_entropy"][:10])
+                                                  for h in tf})
+    print("\ndecomposition (paper Eq. 16 / Fig. 3: TO both terms, RS-CE mostly entropy, RS-TV near zero in both);"
+          " last 10 steps, accept length")
+    print(f"  {'run':14} {'rule':10} {'b [95%]':>22} {'delta':>7} {'entropy':>8} {'residual':>9}")
+    for name, r in result.items():
+        for rule, per in r["rules"].items():
+            d = per["accept_length"]
+            print(f"  {name:14} {rule:10} {d['b']:+7.2f} [{d['b_ci'][0]:+6.2f}, {d['b_ci'][1]:+6.2f}] "
+                  f"{mean(d['delta'][-10:]):+7.3f} {mean(d['entropy_term'][-10:]):+8.3f} {mean(d['residual'][-10:]):+9.3f}")
+    print("  drift on fixed contexts (RS alpha_1 of the frozen head, first -> last checkpoint), KL(pi_t || pi_0), "
+          "reward gain:")
+    for name, r in result.items():
+        print(f"  {name:14} " + " ".join(f"{h} {v:+.4f}" for h, v in r["fixed_context_change"].items())
+              + f"  KL {r['kl_to_start']:.4f}  reward {r['reward_gain']:+.3f}  H {r['entropy_change']:+.3f}")
     return result
 
 
@@ -1919,6 +2228,10 @@ def experiment_boundary(lab: Lab):
     return result
 
 
+EXPERIMENT_FNS = dict(losses=experiment_losses, temperature=experiment_temperature, rl=experiment_rl,
+                     entropy=experiment_entropy, decomposition=experiment_decomposition, boundary=experiment_boundary)
+
+
 def run_experiments(args):
     t0 = time.time()
     lab = Lab(args)
@@ -1926,12 +2239,12 @@ def run_experiments(args):
     path = os.path.join(args.out, "experiments.json")
     results = json.load(open(path)) if os.path.exists(path) else {}
     for name in names:
-        if name == "entropy":
+        if name in ("entropy", "decomposition"):   # both read the rl runs
             if "rl" not in results:
                 results["rl"] = experiment_rl(lab)
-            results[name] = experiment_entropy(lab, results["rl"])
+            results[name] = EXPERIMENT_FNS[name](lab, results["rl"])
         else:
-            results[name] = globals()[f"experiment_{name}"](lab)
+            results[name] = EXPERIMENT_FNS[name](lab)
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
     print(f"\nexperiments {', '.join(names)} done in {time.time() - t0:.0f} s; results in {path}")
@@ -2152,7 +2465,8 @@ def run_benchmark(args):
         m = GPT(cfg).to(device)
         m.load_state_dict(model.state_dict())
         tcr = TrainConfig(**{**asdict(tc), "rollout": kind, "rl_steps": 4, "ckpt_every": 10**9})
-        bench_run = Run(os.path.join(args.out, f"bench_grpo_{kind}"), tcr, cfg, resume=False)
+        bench_run = Run(os.path.join(args.out, f"bench_grpo_{kind}"), tcr, cfg, resume=False, overwrite=True,
+                        first_stage="grpo")
         extra = {}
         train_grpo(bench_run, m, task, torch.Generator().manual_seed(0), torch.Generator(device).manual_seed(1),
                    device, extra)
@@ -2192,60 +2506,84 @@ def device_name(device) -> str:
 # 11. main(): SFT -> pre-RL MTP training -> GRPO with speculative rollouts -> side-by-side timing.
 
 
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+MAX_ROWS = 2**16      # largest batch of sequences a run may ask for (SFT/MTP batch, RL rollouts, eval prompts)
+MAX_STEPS = 10**7
+
+
 def parse_args(argv=None):
-    def integer_in(low, high=None):
-        def check(text):
-            value = int(text)
-            if value < low or (high is not None and value > high):
-                raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}" if high is None
-                                                 else f"must be in {low}..{high}, got {text}")
+    def number(text, kind):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        return value
+
+    def integer_in(low, high):
+        def integer(text):
+            value = number(text, int)
+            if not low <= value <= high:
+                raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {text}")
             return value
-        return check
+        return integer
 
-    def fraction(text):
-        value = float(text)
-        if not 0 <= value <= 1:
-            raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-        return value
-
-    def positive(text):
-        value = float(text)
-        if not 0 < value < math.inf:
-            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-        return value
-
-    def non_negative(text):
-        value = float(text)
-        if not value >= 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
+    def real_in(low, high, low_open=False):
+        def real(text):
+            value = number(text, float)
+            if value < low or value > high or (low_open and value == low):
+                raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low:g}, {high:g}], got {text}")
+            return value
+        return real
 
     K = GPTConfig.mtp_train_steps
-    ap = argparse.ArgumentParser(description="The Bebop recipe at toy scale: SFT, MTP training, GRPO with "
-                                             "MTP speculative rollouts.")
-    ap.add_argument("--preset", choices=sorted(PRESETS), help="model and budget (default: gpu on CUDA, else cpu)")
+    presets = "; ".join(f"{name}: {p['model']['n_layer']} layers x d={p['model']['n_embd']}, {PRESET_TIMES[name]}"
+                        for name, p in PRESETS.items())
+    ap = argparse.ArgumentParser(
+        description="The Bebop recipe at toy scale: SFT, pre-RL MTP training, GRPO with MTP speculative rollouts. "
+                    "RS = rejection sampling (drafts sampled from the MTP layer, exact); TO = target-only "
+                    "verification (greedy drafts, accepted with the policy's probability, also exact).",
+        formatter_class=DefaultsShown)
+    ap.add_argument("--preset", choices=sorted(PRESETS), help=f"model and budget; default gpu on CUDA, else cpu. {presets}")
     ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     ap.add_argument("--out", default="out", help="output folder: checkpoints, log.jsonl, summary.json")
-    ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--mtp-loss", choices=MTP_LOSSES, default="e2e_tv", help="pre-RL MTP objective")
-    ap.add_argument("--rollout", choices=["spec", "ar"], default="spec", help="speculative or plain rollouts")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out (same flags)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start afresh in an --out that holds another run's checkpoints (replaced as this run saves)")
+    ap.add_argument("--seed", type=integer_in(0, 2**63 - 1), default=1337,
+                    help="seed of the initial weights, data order and rollouts")
+    ap.add_argument("--mtp-loss", choices=MTP_LOSSES, default="e2e_tv",
+                    help="pre-RL MTP objective: ce, forward KL, reverse KL, per-step TV, end-to-end TV (Eq. 13)")
+    ap.add_argument("--mtp-data", choices=["policy", "sft"], default="policy",
+                    help="pre-RL MTP training data: the policy's own samples (the paper's RFT data) or the SFT data")
+    ap.add_argument("--mtp-ce-warmup", type=real_in(0, 1), default=0.5,
+                    help="fraction of the MTP steps trained with CE first (0 = cold start with --mtp-loss)")
+    ap.add_argument("--rollout", choices=["spec", "ar"], default="spec", help="speculative or plain (ar) rollouts")
     ap.add_argument("--draft", choices=DRAFT_RULES, default="sample",
-                    help="sample: rejection sampling (RS); greedy: target-only (TO)")
+                    help="sample: rejection sampling (RS); greedy: target-only verification (TO)")
     ap.add_argument("--gamma", type=integer_in(1, K), default=3,
                     help=f"drafted tokens per round, 1..{K} (the depth the MTP layer is trained to)")
-    ap.add_argument("--mtp-online", choices=["none", "ce", "tv", "e2e_tv"], default="none",
-                    help="update the MTP layer during RL with this loss (default: frozen)")
-    ap.add_argument("--kl-coef", type=non_negative, default=0.0, help="k3 KL to the SFT policy")
-    ap.add_argument("--temperature", type=positive, default=1.0,
+    ap.add_argument("--mtp-online", choices=("none",) + MTP_LOSSES, default="none",
+                    help="update the MTP layer during RL with this loss (none: frozen, the recipe)")
+    ap.add_argument("--kl-coef", type=real_in(0, 1e6), default=0.0,
+                    help="weight of the k3 estimate of KL(policy || SFT policy) in the GRPO loss")
+    ap.add_argument("--entropy-coef", type=real_in(-1e3, 1e3), default=0.0,
+                    help="GRPO entropy bonus (positive raises the policy's entropy, negative lowers it; 0 = recipe)")
+    ap.add_argument("--temperature", type=real_in(0, 100, low_open=True), default=1.0,
                     help="sampling temperature of the RL rollouts (> 0); the trainer's log-probs use the same")
-    ap.add_argument("--mtp-data", choices=["policy", "sft"], default="policy",
-                    help="pre-RL MTP training data: the policy's own samples (paper's RFT data) or the SFT data")
-    ap.add_argument("--mtp-ce-warmup", type=fraction, default=0.5,
-                    help="fraction of the MTP steps trained with CE first (0 = cold start with --mtp-loss)")
-    for name in ("sft-steps", "mtp-steps", "rl-steps", "batch-size", "rl-prompts", "eval-prompts"):
-        ap.add_argument(f"--{name}", type=integer_in(1), help="override the preset")
-    ap.add_argument("--group-size", type=integer_in(2), help="samples per prompt, >= 2 (override the preset)")
+    for name, what in (("sft-steps", "SFT steps"), ("mtp-steps", "MTP training steps"), ("rl-steps", "GRPO steps")):
+        ap.add_argument(f"--{name}", type=integer_in(1, MAX_STEPS), help=f"{what} (default: the preset's)")
+    for name, what in (("batch-size", "sequences per SFT/MTP step"), ("rl-prompts", "prompts per GRPO step"),
+                       ("eval-prompts", "held-out prompts")):
+        ap.add_argument(f"--{name}", type=integer_in(1, MAX_ROWS), help=f"{what} (default: the preset's)")
+    ap.add_argument("--group-size", type=integer_in(2, MAX_ROWS), help="samples per prompt (default: the preset's)")
     ap.add_argument("--precision", choices=["bf16", "fp32"],
                     help="bf16: autocast in training and bf16 rollout weights (default on CUDA); fp32 (default on CPU)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA (graphs are on by default)")
@@ -2255,6 +2593,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available on this machine (use --device cpu)")
+    if args.resume and args.overwrite:
+        ap.error("--resume continues the run in --out, --overwrite replaces it: choose one")
     return args
 
 
@@ -2268,7 +2608,7 @@ def configure(args):
         torch.set_float32_matmul_precision("high")
     tc = TrainConfig(preset=preset, seed=args.seed, mtp_loss=args.mtp_loss, rollout=args.rollout, draft=args.draft,
                      gamma=args.gamma, mtp_online=args.mtp_online, kl_coef=args.kl_coef,
-                     temperature=args.temperature, mtp_data=args.mtp_data,
+                     temperature=args.temperature, mtp_data=args.mtp_data, entropy_coef=args.entropy_coef,
                      mtp_ce_warmup=args.mtp_ce_warmup, precision=args.precision or ("bf16" if on_cuda else "fp32"),
                      cuda_graphs=not args.no_cuda_graphs)
     for key, value in PRESETS[preset].items():
@@ -2277,9 +2617,12 @@ def configure(args):
     for key in ("sft_steps", "mtp_steps", "rl_steps", "batch_size", "rl_prompts", "group_size", "eval_prompts"):
         if getattr(args, key) is not None:
             setattr(tc, key, getattr(args, key))
+    if tc.rl_prompts * tc.group_size > MAX_ROWS:
+        raise RunError(f"--rl-prompts {tc.rl_prompts} x --group-size {tc.group_size} = "
+                       f"{tc.rl_prompts * tc.group_size} rollouts per GRPO step; at most {MAX_ROWS}")
     for key in ("batch_size", "rl_prompts"):
         if getattr(tc, key) % world.world_size:
-            raise SystemExit(f"--{key.replace('_', '-')} {getattr(tc, key)} must be divisible by the number "
+            raise RunError(f"--{key.replace('_', '-')} {getattr(tc, key)} must be divisible by the number "
                              f"of ranks ({world.world_size})")
     task = DigitSumTask(seed=tc.task_seed)
     return tc, task, build_config(tc, task), device, world
@@ -2296,7 +2639,7 @@ def train(args):
     tc, task, cfg, device, world = configure(args)
     torch.manual_seed(tc.seed)                       # the same initial weights on every rank
     model = GPT(cfg).to(device)
-    run = Run(args.out, tc, cfg, args.resume, world)
+    run = Run(args.out, tc, cfg, args.resume, world, overwrite=args.overwrite)
     if world.master:
         print(f"bebop: preset {tc.preset} on {device} x {world.world_size}, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({cfg.n_layer} layers + "
@@ -2345,27 +2688,37 @@ def summarize(model, task, tc: TrainConfig, held_out, extra, t_start, out, devic
         entropy=sum(m["entropy"] for m in recent) / max(1, len(recent)),
         rollout_speedup=spec_tps / ar_tps, rollout_batch=batch.size(0),
         tokens_per_s=dict(plain=ar_tps, speculative=spec_tps),
-        rollout_speedup_batch1=spec_tps1 / ar_tps1,
+        rollout_speedup_batch1=spec_tps1 / ar_tps1, recent_steps=len(recent), smoke_test=tc.preset == "tiny",
         wall_seconds=time.time() - t_start,
     )
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     cfg = model.config
+    n_recent = len(recent)
     alphas = ", ".join(f"{a:.3f}" for a in summary["acceptance"]) if summary["acceptance"] else "n/a (plain rollouts)"
+    smoke = ("\n  (preset tiny is a smoke test of the code path: the model is too small and the run too short to "
+             "learn the task; its reward can fall)" if tc.preset == "tiny" else "")
+    slower = ""
+    if summary["rollout_speedup"] < 1:
+        slower = (f"\n  Speculative rollouts are slower at batch {batch.size(0)} here: the verify forward of "
+                  f"{tc.gamma + 1} tokens per row is compute bound\n  at that batch on this device, so it costs "
+                  f"nearly {tc.gamma + 1} plain steps; drafting pays where a forward is latency bound (small batches,"
+                  f"\n  a GPU). `python bebop.py --bench` measures where the crossover lies.")
     print(f"""
-What happened
+What happened{smoke}
   SFT taught a {cfg.n_layer}-layer GPT the task from examples; its MTP layer then learned, with the
-  policy frozen, to draft the policy's own next tokens ({tc.mtp_loss} loss); GRPO improved the policy with
+  policy frozen, to draft the policy's own samples ({tc.mtp_loss} loss); GRPO improved the policy with
   rollouts drafted by that MTP layer and verified by exact rejection sampling, so they are on-policy.
-  reward on {len(held_out[0])} held-out prompts      {summary['reward_before']:.3f} -> {reward_after:.3f} """
+  reward in [0, 1] on {len(held_out[0])} held-out prompts {summary['reward_before']:.3f} -> {reward_after:.3f} """
           f"""(exactly right: {summary['accuracy_before']:.1%} -> {accuracy_after:.1%})
-  acceptance per draft step (last RL steps)  {alphas}
-  tokens per policy forward            {summary['accept_length']:.2f} of at most {tc.gamma + 1}
-  policy entropy per token             {summary['entropy']:.3f} nats
+  the last {n_recent} RL steps (of {tc.rl_steps}), counting only the tokens rows keep:
+    acceptance per draft step            {alphas}
+    tokens per policy forward            {summary['accept_length']:.2f} of at most {tc.gamma + 1 if tc.rollout == "spec" else 1}
+    policy entropy per token             {summary['entropy']:.3f} nats
   rollout speed, batch {batch.size(0):<4}            {spec_tps:.0f} tok/s speculative vs {ar_tps:.0f} plain """
           f"""-> {summary['rollout_speedup']:.2f}x
   rollout speed, batch 1               {spec_tps1:.0f} tok/s speculative vs {ar_tps1:.0f} plain """
-          f"""-> {summary['rollout_speedup_batch1']:.2f}x
+          f"""-> {summary['rollout_speedup_batch1']:.2f}x{slower}
   wall time                            {summary['wall_seconds']:.0f} s; summary in {os.path.join(out, 'summary.json')}""")
     return summary
 
@@ -2378,7 +2731,7 @@ def main(argv=None):
         return run_experiments(args) if args.experiment else train(args)[1]
     except KeyboardInterrupt as e:
         raise SystemExit(f"\ninterrupted: {e}" if str(e) else "\ninterrupted")
-    except CheckpointError as e:   # one clear line, no traceback
+    except RunError as e:   # one clear line, no traceback
         raise SystemExit(f"bebop: error: {e}")
 
 

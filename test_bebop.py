@@ -519,16 +519,88 @@ def test_draft_consistency_test_can_fail(drafted_model):
 # ----------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(gamma=0), "gamma"),
-    (dict(temperature=-0.5), "temperature"),
-    (dict(draft="beam"), "draft rule"),
-    (dict(eos=99), "eos"),
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(gamma=0), ValueError, "gamma must be an integer in 1..5"),
+    (dict(gamma=True), ValueError, "gamma must be an integer in 1..5"),
+    (dict(gamma=6), ValueError, "depth the MTP layer was trained to"),
+    (dict(gamma=2.0), ValueError, "gamma must be an integer"),
+    (dict(temperature=-0.5), ValueError, "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be a finite number >= 0"),
+    (dict(draft="beam"), ValueError, "draft rule"),
+    (dict(eos=99), ValueError, "eos must be None or an integer token id"),
+    (dict(eos=1.5), ValueError, "eos must be None or an integer token id"),
+    (dict(eos=True), ValueError, "eos must be None or an integer token id"),
+    (dict(generator="seed"), TypeError, "generator must be a torch.Generator"),
+    (dict(trace=()), TypeError, "trace must be a list"),
 ])
-def test_speculative_bad_arguments(kwargs, match):
+def test_speculative_bad_arguments(kwargs, error, match):
     model = tiny_model()
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         bebop.speculative_generate(model, torch.tensor([[1, 2]]), 3, **kwargs)
+    if "gamma" not in kwargs and "draft" not in kwargs and "trace" not in kwargs:   # plain decoding checks alike
+        with pytest.raises(error, match=match):
+            bebop.generate(model, torch.tensor([[1, 2]]), 3, **kwargs)
+
+
+@pytest.mark.parametrize("prompt,n_new,error,match", [
+    (torch.tensor([[1.0, 2.0]]), 3, TypeError, "prompt token ids must be integers, got dtype torch.float32"),
+    (torch.tensor([[True, False]]), 3, TypeError, "prompt token ids must be integers"),
+    ([[1.5, 2.0]], 3, TypeError, "prompt token ids must be integers"),
+    (torch.tensor([[1, 2]]), 3.0, TypeError, "max_new_tokens must be an integer"),
+    (torch.tensor([[1, 2]]), True, TypeError, "max_new_tokens must be an integer"),
+])
+def test_bad_prompt_types_and_lengths(prompt, n_new, error, match):
+    model = tiny_model()
+    for fn in (bebop.generate, bebop.speculative_generate):
+        with pytest.raises(error, match=match):
+            fn(model, prompt, n_new)
+
+
+def test_numpy_integers_are_integers_and_one_new_token_has_sensible_stats():
+    import numpy as np
+    model = tiny_model()
+    out = bebop.speculative_generate(model, np.array([[1, 2]]).tolist(), np.int64(3), gamma=np.int64(2), eos=np.int64(4),
+                                     generator=torch.Generator().manual_seed(0))
+    assert out.new_tokens.shape == (1, 3)
+    one = bebop.speculative_generate(model, torch.tensor([[1, 2]] * 3), 1, generator=torch.Generator().manual_seed(0))
+    assert one.stats["accept_length"] == 1.0 and one.stats["rounds"] == 0 and one.stats["target_forwards"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type")
+def test_a_generator_on_another_device_is_refused():
+    with pytest.raises(ValueError, match="generator lives on cuda"):
+        bebop.generate(tiny_model(), torch.tensor([[1, 2]]), 3, generator=torch.Generator("cuda"))
+
+
+@pytest.mark.parametrize("args,match", [
+    (((2, 4, 6), (2, 3, 6), (2, 2)), r"expected target_probs \(B, gamma\+1, V\) = \(2, 3, V\)"),
+    (((2, 4, 6), (2, 3, 5), (2, 3)), "with one V"),
+    (((2, 4, 6), (2, 3, 6), (2, 3, 1)), r"draft_tokens must be \(B, gamma\) integer ids"),
+])
+def test_rejection_sample_checks_shapes_up_front(args, match):
+    p, q, d = torch.rand(args[0]), torch.rand(args[1]), torch.zeros(args[2], dtype=torch.long)
+    with pytest.raises(ValueError, match=match):
+        bebop.rejection_sample(p, q, d)
+    with pytest.raises(ValueError, match="integer ids"):
+        bebop.rejection_sample(torch.rand(2, 4, 6), torch.rand(2, 3, 6), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="floating point probabilities"):
+        bebop.rejection_sample(torch.ones(2, 4, 6, dtype=torch.long), torch.rand(2, 3, 6), torch.zeros(2, 3).long())
+
+
+def test_check_distributions_and_the_debug_mode(drafted_model, monkeypatch):
+    p = F.softmax(torch.randn(3, 4, 6), -1)
+    bebop.check_distributions(p, "p")
+    for bad in (torch.randn(3, 4, 6), p * 2, torch.zeros(3, 4, 6), p.masked_fill(p > 0.3, float("nan"))):
+        with pytest.raises(ValueError, match="not a probability distribution"):
+            bebop.check_distributions(bad, "p")
+    # Logits passed where probabilities belong are silent without debug, caught with it.
+    original = bebop.probs_from_logits
+    monkeypatch.setattr(bebop, "probs_from_logits", lambda logits, t: logits.float() if logits.size(0) and t else original(logits, t))
+    prompt = torch.tensor([[1, 2, 3]])
+    bebop.speculative_generate(drafted_model, prompt, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="draft_probs row .* is not a probability distribution"):
+        bebop.speculative_generate(drafted_model, prompt, 8, generator=torch.Generator().manual_seed(0), debug=True)
 
 
 @pytest.mark.parametrize("prompt,n_new,match", [
@@ -919,6 +991,62 @@ def test_unknown_mtp_loss_is_refused():
         bebop.mtp_loss("mse", torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), None, torch.ones(1, 1))
 
 
+# ----------------------------------------------------------------------------- measures of the experiments
+
+
+def test_fit_line_recovers_a_planted_slope_with_an_honest_interval():
+    g = torch.Generator().manual_seed(0)
+    covered = 0
+    for trial in range(200):
+        x = torch.rand(40, generator=g, dtype=torch.float64)
+        y = 3.0 - 1.68 * x + 0.05 * torch.randn(40, generator=g, dtype=torch.float64)
+        fit = bebop.fit_line(x.tolist(), y.tolist())
+        covered += fit["ci"][0] <= -1.68 <= fit["ci"][1]
+    assert abs(fit["slope"] + 1.68) < 0.1 and abs(fit["intercept"] - 3.0) < 0.1
+    assert 0.90 <= covered / 200 <= 0.99, covered       # a 95% interval covers the truth about 95% of the time
+
+
+def test_decompose_splits_a_planted_series():
+    """alpha = 0.9 - 0.5 (H - H_0) + drift: the entropy term carries the planted slope, the residual the drift."""
+    H = [1.0 + 0.01 * t for t in range(60)]
+    drift = [-0.001 * max(0, t - 20) for t in range(60)]            # starts after the early phase
+    alpha = [0.9 - 0.5 * (h - 1.0) + d for h, d in zip(H, drift)]
+    d = bebop.decompose(H, alpha)
+    assert d["b"] == pytest.approx(-0.5, abs=1e-9)
+    H0 = sum(H[:5]) / 5
+    assert d["entropy_term"][-1] == pytest.approx(-0.5 * (H[-1] - H0), abs=1e-9)
+    assert d["residual"][-1] == pytest.approx(drift[-1] - sum(drift[:5]) / 5, abs=1e-9)
+    assert all(abs(a - b - c) < 1e-12 for a, b, c in zip(d["delta"], d["entropy_term"], d["residual"]))
+
+
+def test_teacher_forced_acceptance_of_a_head_equal_to_the_policy_is_one(drafted_model, monkeypatch):
+    """Draft rows equal to the target rows they are compared with give acceptance exactly 1 at every depth;
+    a head shifted by one position does not (the alignment is what is tested)."""
+    seq = bebop.generate(drafted_model, torch.randint(0, 8, (6, 9), generator=torch.Generator().manual_seed(0)), 20,
+                         generator=torch.Generator().manual_seed(1))
+    real = drafted_model.mtp_logits
+    def perfect(idx, n, backbone=None, shift=0):
+        target, _ = real(idx, n)
+        T = idx.size(1)
+        rows = [target[:, (torch.arange(T) + k + shift).clamp(max=T - 1)] for k in range(1, n + 1)]
+        return target, torch.stack(rows, 1)
+    tokens, mask = seq.tokens, torch.ones_like(seq.new_tokens, dtype=torch.bool)
+    monkeypatch.setattr(bebop, "PROMPT_LEN", 9)
+    monkeypatch.setattr(drafted_model, "mtp_logits", perfect)
+    tok = bebop.teacher_forced_acceptance(drafted_model, tokens, mask, 3)
+    assert tok["valid"].sum() > 100
+    assert bebop.per_depth(tok["rs"], tok["valid"]) == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)
+    assert bebop.tokens_per_forward([1.0, 1.0, 1.0]) == 4.0
+    monkeypatch.setattr(drafted_model, "mtp_logits", lambda idx, n, backbone=None: perfect(idx, n, shift=1))
+    tok = bebop.teacher_forced_acceptance(drafted_model, tokens, mask, 3)
+    assert max(bebop.per_depth(tok["rs"], tok["valid"])) < 0.95
+
+
+def test_eq12_and_ranking_with_ties():
+    assert bebop.tokens_per_forward([0.8] * 4) == pytest.approx(3.3616)      # PAPER's example
+    assert bebop.rank_with_ties({"a": (3.7, 0.01), "b": (3.69, 0.02), "c": (3.3, 0.05)}) == "a ~ b > c"
+
+
 # ----------------------------------------------------------------------------- toy task and GRPO
 
 
@@ -1041,7 +1169,7 @@ def states_equal(a, b):
 
 @pytest.mark.parametrize("where,flags", [("sft_loss", []), ("mtp_training_loss", []), ("grpo_loss", []),
                                          ("grpo_loss", ["--mtp-online", "e2e_tv", "--temperature", "0.8"])])
-def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, where, flags):
+def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, capsys, where, flags):
     """Bit-identical, including the MTP stage (its training set of policy samples is regenerated) and an RL
     run that updates the MTP layer online (its optimizer state is in the checkpoint)."""
     import signal
@@ -1060,6 +1188,9 @@ def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tmp_path, monk
     monkeypatch.setattr(bebop, where, original)
     stage = {"sft_loss": "sft", "mtp_training_loss": "mtp", "grpo_loss": "grpo"}[where]
     assert torch.load(tmp_path / "b" / f"{stage}.pt", weights_only=False)["step"] == 3
+    total = {"sft": 20, "mtp": 8, "grpo": 6}[stage]
+    last_bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert f" 3/{total} " in last_bar, last_bar   # the bar agrees with the step saved
     resumed, summary = bebop.train(bebop.parse_args(run + ["--out", str(tmp_path / "b"), "--resume"]))
     assert states_equal(full.state_dict(), resumed.state_dict())
     assert summary["reward_before"] == json.load(open(tmp_path / "a" / "summary.json"))["reward_before"]
@@ -1104,20 +1235,147 @@ def test_main_prints_one_line_for_a_bad_checkpoint(finished_run, tmp_path):
         bebop.main(TINY_RUN + ["--out", str(out), "--resume"])
 
 
+def copy_run(finished_run, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def snapshot(out):
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def test_a_fresh_run_refuses_an_out_with_checkpoints_and_removes_nothing(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        bebop.main(TINY_RUN + ["--out", str(out)])
+    assert "holds checkpoints of another run" in str(e.value) and "--overwrite" in str(e.value)
+    assert "\n" not in str(e.value) and snapshot(out) == before
+
+
+def test_overwrite_removes_nothing_until_the_new_run_has_saved(finished_run, tmp_path, monkeypatch):
+    out = copy_run(finished_run, tmp_path)
+    before = snapshot(out)
+    def crash(*args, **kwargs):
+        raise RuntimeError("crashed in the first step")
+    monkeypatch.setattr(bebop, "sft_loss", crash)
+    with pytest.raises(RuntimeError, match="crashed"):
+        bebop.main(TINY_RUN + ["--out", str(out), "--overwrite"])
+    assert snapshot(out) == before, "a crashed --overwrite run destroyed the old run"
+    monkeypatch.undo()
+    bebop.main(TINY_RUN + ["--out", str(out), "--overwrite", "--seed", "5"])
+    ckpt = torch.load(out / "grpo.pt", weights_only=False)
+    assert ckpt["train"]["seed"] == 5 and ckpt["done"]
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert log[0]["stage"] == "sft" and log[0]["step"] == 0 and sum(m["stage"] == "sft" for m in log) == 20
+
+
+@pytest.mark.parametrize("flags,differ", [(["--seed", "9"], "seed 1337 -> 9"),
+                                          (["--mtp-loss", "ce"], "mtp_loss 'e2e_tv' -> 'ce'"),
+                                          (["--rl-steps", "9"], "rl_steps 6 -> 9"),
+                                          (["--gamma", "2"], "gamma 3 -> 2")])
+def test_resume_refuses_a_checkpoint_made_with_other_settings(finished_run, tmp_path, flags, differ):
+    out = copy_run(finished_run, tmp_path)
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        bebop.main(TINY_RUN + flags + ["--out", str(out), "--resume"])
+    assert "other settings" in str(e.value) and differ in str(e.value) and "\n" not in str(e.value)
+    assert snapshot(out) == before
+
+
+def test_resume_on_an_empty_out_says_it_starts_from_scratch(tmp_path, capsys, task):
+    tc = bebop.TrainConfig(preset="tiny")
+    bebop.Run(str(tmp_path / "new"), tc, bebop.build_config(tc, task), resume=True)
+    assert "nothing to resume" in capsys.readouterr().out
+
+
+def test_a_later_stage_without_an_earlier_one_is_refused(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    (out / "sft.pt").unlink()
+    with pytest.raises(SystemExit, match="holds grpo.pt but no sft.pt"):
+        bebop.main(TINY_RUN + ["--out", str(out), "--resume"])
+
+
+def test_an_out_that_is_a_file_gets_one_line(tmp_path):
+    (tmp_path / "f").write_text("x")
+    for out in (tmp_path / "f", tmp_path / "f" / "inside"):
+        with pytest.raises(SystemExit) as e:
+            bebop.main(TINY_RUN + ["--out", str(out)])
+        assert str(e.value).startswith("bebop: error:") and "\n" not in str(e.value)
+    # (an unwritable folder cannot be tested as root, who may write anywhere; Run checks os.access)
+
+
+@pytest.mark.parametrize("edit", ["missing_key", "wrong_shape", "missing_optimizer"])
+def test_hand_edited_checkpoints_are_refused_in_one_line(finished_run, tmp_path, edit):
+    out = copy_run(finished_run, tmp_path)
+    ckpt = torch.load(out / "mtp.pt", weights_only=False)
+    if edit == "missing_key":
+        del ckpt["rng"]
+    elif edit == "wrong_shape":
+        ckpt["model"]["wte.weight"] = ckpt["model"]["wte.weight"][:, :3].clone()
+    else:
+        ckpt["optimizers"] = []
+    ckpt["done"] = False
+    torch.save(ckpt, out / "mtp.pt")
+    with pytest.raises(SystemExit, match="^bebop: error: checkpoint .*mtp.pt is unreadable or truncated"):
+        bebop.main(TINY_RUN + ["--out", str(out), "--resume"])
+
+
+def test_training_stops_at_the_first_non_finite_loss(tmp_path, monkeypatch):
+    original, calls = bebop.sft_loss, []
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 12 else loss
+    monkeypatch.setattr(bebop, "sft_loss", poisoned)
+    with pytest.raises(SystemExit) as e:
+        bebop.main(TINY_RUN + ["--out", str(tmp_path)])
+    assert str(e.value).startswith("bebop: error: sft step 11: the loss is nan; stopped")
+    assert not (tmp_path / "mtp.pt").exists() and not (tmp_path / "summary.json").exists()
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--gamma", "0"], "argument --gamma: must be in 1..5, got 0"),
     (["--gamma", "6"], "argument --gamma: must be in 1..5, got 6"),
-    (["--group-size", "1"], "argument --group-size: must be >= 2, got 1"),
-    (["--rl-steps", "0"], "argument --rl-steps: must be >= 1, got 0"),
-    (["--kl-coef", "-0.1"], "argument --kl-coef: must be >= 0, got -0.1"),
+    (["--group-size", "1"], "argument --group-size: must be in 2..65536, got 1"),
+    (["--rl-steps", "0"], "argument --rl-steps: must be in 1..10000000, got 0"),
+    (["--kl-coef", "-0.1"], "argument --kl-coef: must be in [0, 1e+06], got -0.1"),
+    (["--kl-coef", "inf"], "argument --kl-coef: must be a finite number, got inf"),
+    (["--kl-coef", "nan"], "argument --kl-coef: must be a finite number, got nan"),
+    (["--entropy-coef=-inf"], "argument --entropy-coef: must be a finite number, got -inf"),
+    (["--temperature", "0"], "argument --temperature: must be in (0, 100], got 0"),
+    (["--mtp-ce-warmup", "nan"], "argument --mtp-ce-warmup: must be a finite number, got nan"),
+    (["--sft-steps", "abc"], "argument --sft-steps: expected an integer, got 'abc'"),
+    (["--batch-size", str(10**20)], "argument --batch-size: must be in 1..65536, got 100000000000000000000"),
+    (["--seed", "-1"], "argument --seed: must be in 0..9223372036854775807, got -1"),
+    (["--seed", str(2**64)], "argument --seed: must be in 0..9223372036854775807"),
     (["--mtp-loss", "mse"], "argument --mtp-loss: invalid choice: 'mse'"),
     (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
     (["--rollout", "beam"], "argument --rollout: invalid choice: 'beam'"),
+    (["--resume", "--overwrite"], "choose one"),
 ])
 def test_bad_arguments_get_one_clear_line(capsys, argv, message):
     with pytest.raises(SystemExit):
         bebop.parse_args(argv)
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "invalid check value" not in err and "Traceback" not in err
+
+
+def test_help_shows_defaults_presets_and_spells_out_the_rules(capsys):
+    with pytest.raises(SystemExit):
+        bebop.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("rejection sampling", "target-only", "k3 estimate", "(default: 1337)", "smoke test",
+                 "6 layers x d=96", "seed of the initial weights"):
+        assert text in out, text
+
+
+def test_too_many_rollouts_per_step_get_one_line(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        bebop.main(["--preset", "tiny", "--rl-prompts", "65536", "--group-size", "4", "--out", str(tmp_path)])
+    assert str(e.value).startswith("bebop: error: --rl-prompts 65536 x --group-size 4") and "\n" not in str(e.value)
 
 
 def _ddp_worker(rank, world, port, out, results):
