@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -203,7 +204,8 @@ def mtp_chain_mask(T: int, depth: int, device=None):
 
     Keys are stacked by depth: [depth-1 entries of every anchor, depth-2 entries, ..., depth entries].
     The query of anchor t at this depth sees the depth-1 entries of anchors <= t and its own chain's
-    entries at depths 2..depth: exactly the MTP cache a draft step sees at inference (DESIGN.md)."""
+    entries at depths 2..depth: exactly the MTP cache a draft step sees at inference, so that training
+    and drafting agree by construction (a test checks the q rows used online against this path)."""
     t = torch.arange(T, device=device)
     causal = t[None, :] <= t[:, None]                       # depth-1 entries of earlier anchors
     own = torch.eye(T, dtype=torch.bool, device=device)     # this anchor's own chain
@@ -249,7 +251,8 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(h))
 
     def mtp_head(self, g):
-        # The MTP loss must reach only the MTP weights (PAPER.md): the shared head is used detached.
+        # The MTP loss must reach only the MTP weights (the paper trains the MTP layer with the backbone,
+        # embedding and head frozen): the shared head is used detached.
         return F.linear(self.mtp.norm_f(g), self.lm_head.weight.detach())
 
     def forward(self, idx):
@@ -533,7 +536,7 @@ def rejection_sample(target_probs, draft_probs, draft_tokens, generator=None):
     residual = (p_n - q_n).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)  # p == q: never rejected
     new = sample(residual, generator)
-    tokens = torch.cat([draft_tokens, draft_tokens[:, -1:]], dim=1)
+    tokens = F.pad(draft_tokens, (0, 1))                      # gamma = 0 works too: a plain sample from p
     tokens.scatter_(1, n[:, None], new[:, None])
     return n, tokens
 
@@ -762,6 +765,10 @@ def draft_tokens(model: GPT, caches: Caches, g1, L, gamma: int, temperature: flo
     Step k >= 2 reads (g^{k-1}, emb(d_{k-1})) at MTP-cache position L+k-2. Returns the draft logits
     (B, gamma, V), the distributions q the drafts were drawn from (one-hot for the greedy/TO rule),
     and the drafts (B, gamma)."""
+    if gamma == 0:   # a plain step: nothing drafted
+        V = model.config.vocab_size
+        return g1.new_zeros(g1.size(0), 0, V), g1.new_zeros(g1.size(0), 0, V, dtype=torch.float32), \
+            torch.zeros(g1.size(0), 0, dtype=torch.long, device=g1.device)
     logits, qs, ds, g = [], [], [], g1
     for k in range(1, gamma + 1):
         if k > 1:
@@ -778,7 +785,7 @@ def draft_tokens(model: GPT, caches: Caches, g1, L, gamma: int, temperature: flo
 def speculative_prefill(model: GPT, caches: Caches, idx, lengths, max_new_tokens: int, gamma: int,
                         temperature: float, generator, eos):
     """prefill, then the MTP layer reads the depth-1 inputs (h_s, emb(x_{s+1})) of every prompt anchor,
-    giving the first g^1. Returns the round state."""
+    giving the first g^1. Returns the round state, sized for rounds of up to `gamma` drafts."""
     B, P = idx.shape
     rows = torch.arange(B, device=idx.device)
     # A round may write gamma+1 tokens past the last needed one.
@@ -792,6 +799,7 @@ def speculative_prefill(model: GPT, caches: Caches, idx, lengths, max_new_tokens
     s.reached = torch.zeros(gamma, dtype=torch.long, device=idx.device)        # per draft step: kept if accepted
     s.accepted = torch.zeros(gamma, dtype=torch.long, device=idx.device)       # ... and accepted
     s.rounds = torch.zeros((), dtype=torch.long, device=idx.device)
+    s.gamma_rounds = torch.zeros(gamma + 1, dtype=torch.long, device=idx.device)  # rounds run with each gamma
     return s
 
 
@@ -800,7 +808,9 @@ def speculative_round(model: GPT, caches: Caches, s, gamma: int, temperature: fl
     """One round for every row: draft gamma tokens, verify them in one backbone forward, accept n of them
     plus one more token, and advance each active row by its own n+1. Updates the state s in place.
 
-    x is x_L, the last emitted token, not yet in the backbone's cache; L is its position."""
+    x is x_L, the last emitted token, not yet in the backbone's cache; L is its position. gamma may change
+    from round to round (up to what the state was sized for); gamma = 0 is a plain decoding step that
+    also feeds the MTP layer its one new depth-1 input, so that g^1 stays current and drafting can resume."""
     B = s.x.size(0)
     rows, ahead = torch.arange(B, device=s.x.device), torch.arange(gamma + 1, device=s.x.device)
     active = ~s.done
@@ -834,13 +844,15 @@ def speculative_round(model: GPT, caches: Caches, s, gamma: int, temperature: fl
     before_end = (is_end.long().cumsum(1) - is_end.long()) == 0                     # no end mark before
     kept = valid & before_end & (s.count[:, None] + ahead < max_new_tokens)       # (B, gamma+1)
     n_kept = kept.sum(1)                                                           # >= 1 for active rows
-    s.histogram += ((n_kept[:, None] - 1 == ahead) & active[:, None]).sum(0)
-    s.reached += kept[:, :gamma].sum(0)                       # draft j reached and its slot would be kept
-    s.accepted += (kept[:, :gamma] & (ahead[:gamma] < n[:, None])).sum(0)
+    s.histogram[:gamma + 1] += ((n_kept[:, None] - 1 == ahead) & active[:, None]).sum(0)
+    s.reached[:gamma] += kept[:, :gamma].sum(0)               # draft j reached and its slot would be kept
+    s.accepted[:gamma] += (kept[:, :gamma] & (ahead[:gamma] < n[:, None])).sum(0)
+    s.gamma_rounds[gamma] += active.any()
     # Advance each active row by its own n+1 (rolling back the rest); finished rows stay parked inside
     # the cache, so an idle round never writes out of bounds.
     s.count += torch.where(active, n + 1, 0)
-    s.L.copy_(torch.where(active, torch.clamp(s.L + n + 1, max=caches.S - gamma - 1), s.L))
+    lookahead = s.reached.numel()                       # the longest round the caches have room for
+    s.L.copy_(torch.where(active, torch.clamp(s.L + n + 1, max=caches.S - lookahead - 1), s.L))
     s.x.copy_(torch.where(active, tokens[rows, n], s.x))
     s.rounds += active.any()
     s.done |= (s.count >= max_new_tokens) | is_end.any(1)
@@ -861,39 +873,56 @@ def acceptance_stats(histogram, reached, accepted):
 
 
 @torch.no_grad()
-def speculative_generate(model: GPT, prompt, max_new_tokens: int, *, gamma: int = 3, temperature: float = 1.0,
+def speculative_generate(model: GPT, prompt, max_new_tokens: int, *, gamma=3, temperature: float = 1.0,
                          draft: str = "sample", generator=None, eos=None, trace=None, cuda_graphs=None,
-                         debug: bool = False):
+                         debug: bool = False, chooser=None):
     """MTP speculative decoding with exact verification, batched, rows advancing at their own pace.
 
-    A round (DESIGN.md): the MTP layer drafts d_1..d_gamma; the backbone verifies [x_L, d_1..d_gamma]
+    A round: the MTP layer drafts d_1..d_gamma; the backbone verifies [x_L, d_1..d_gamma]
     at positions L..L+gamma in one forward; rejection_sample accepts n drafts and adds one token.
     draft="sample" is rejection sampling (RS); draft="greedy" is target-only verification (TO).
+    gamma: an integer 1..K (K = the depth the MTP layer was trained to); "auto", the draft length that
+    maximises expected tokens per second for this batch (a DraftLengthChooser, `chooser` or the model's
+    own, decides from measured round costs and the acceptance of earlier calls; 0 means plain decoding);
+    or a list of integers 0..K, a forced per-round schedule (cycled; eager), which tests use.
     Pass a list as `trace` to record every round's internals (tests and the tutorial use it; eager only).
     cuda_graphs: None = on for a CUDA model without a trace, True/False to force (section 6).
     debug=True checks every round's p and q with check_distributions (host syncs; eager)."""
     if draft not in DRAFT_RULES:
         raise ValueError(f"unknown draft rule {draft!r}; choose one of {DRAFT_RULES}")
     K = model.config.mtp_train_steps
-    if not is_integer(gamma) or not 1 <= int(gamma) <= K:
-        raise ValueError(f"gamma must be an integer in 1..{K} (the depth the MTP layer was trained to), got {gamma!r}")
+    if gamma == "auto":
+        return adaptive_generate(model, prompt, max_new_tokens, chooser or draft_chooser(model), temperature=temperature,
+                                 draft=draft, generator=generator, eos=eos, cuda_graphs=cuda_graphs)
+    schedule = [int(g) for g in gamma] if isinstance(gamma, (list, tuple)) and gamma and all(
+        is_integer(g) and 0 <= int(g) <= K for g in gamma) else None
+    if schedule is None and (not is_integer(gamma) or not 1 <= int(gamma) <= K):
+        raise ValueError(f"gamma must be an integer in 1..{K} (the depth the MTP layer was trained to), \"auto\", "
+                         f"or a list of integers in 0..{K}; got {gamma!r}")
     if trace is not None and cuda_graphs:
         raise ValueError("trace records every round eagerly: pass cuda_graphs=False (or None) with it")
     check_sampling_args(model, max_new_tokens, temperature, eos, generator, trace)
     max_new_tokens, temperature, eos = int(max_new_tokens), float(temperature), None if eos is None else int(eos)
-    gamma = int(gamma)
-    idx, lengths, ragged = prepare_prompts(model, prompt, max_new_tokens, lookahead=gamma)
+    lookahead = max(schedule) if schedule else int(gamma)
+    idx, lengths, ragged = prepare_prompts(model, prompt, max_new_tokens, lookahead=lookahead)
     B, P = idx.shape
-    key = ("speculative", B, P, max_new_tokens, gamma, temperature, draft, eos)
-    prefill = lambda caches: speculative_prefill(model, caches, idx, lengths, max_new_tokens, gamma, temperature,
+    key = ("speculative", B, P, max_new_tokens, lookahead, temperature, draft, eos)
+    prefill = lambda caches: speculative_prefill(model, caches, idx, lengths, max_new_tokens, lookahead, temperature,
                                                  generator, eos)
-    step = functools.partial(speculative_round, model, gamma=gamma, temperature=temperature, greedy=draft == "greedy",
-                             eos=eos, max_new_tokens=max_new_tokens, trace=trace, debug=debug)
+    round_of = lambda g: functools.partial(speculative_round, model, gamma=g, temperature=temperature,
+                                           greedy=draft == "greedy", eos=eos, max_new_tokens=max_new_tokens,
+                                           trace=trace, debug=debug)
+    if schedule:   # a host-side round counter picks each round's gamma
+        rounds = itertools.count()
+        step = lambda caches, s, generator: round_of(schedule[next(rounds) % len(schedule)])(caches, s, generator=generator)
+    else:
+        step = round_of(lookahead)
     # Every active row gains at least one token per round, so max_new_tokens - 1 rounds always suffice.
-    s = decoding_loop(model, key, B, P + max_new_tokens + gamma, prefill, step, generator, max_new_tokens - 1,
-                      False if trace is not None or debug else cuda_graphs)
+    s = decoding_loop(model, key, B, P + max_new_tokens + lookahead, prefill, step, generator, max_new_tokens - 1,
+                      False if trace is not None or debug or schedule else cuda_graphs)
     stats = acceptance_stats(s.histogram.tolist(), s.reached.tolist(), s.accepted.tolist())
-    stats.update(target_forwards=int(s.rounds) + 1, rounds=int(s.rounds))
+    stats.update(target_forwards=int(s.rounds) + 1, rounds=int(s.rounds), gamma=gamma if schedule else lookahead,
+                 gamma_rounds=dict(enumerate(s.gamma_rounds.tolist())))
     # Copies: with CUDA graphs the state is reused by the next call of this shape.
     return finish(idx, lengths, ragged, s.tokens[:, :max_new_tokens].clone(), s.logprobs[:, :max_new_tokens].clone(),
                   eos, stats)
@@ -1018,6 +1047,105 @@ def static_decoder(model: GPT, key, B: int, S: int) -> StaticDecoder:
 
 
 # ---------------------------------------------------------------------------------------------------
+# 6b. Adaptive draft length: speculation that never loses. Whether drafting pays depends on the batch size,
+# the device and the acceptance: at a batch where the verify forward is compute bound, checking gamma+1
+# tokens costs nearly gamma+1 plain steps. gamma="auto" picks, once per call, the draft length with the most
+# expected tokens per second, E(gamma) / C(B, gamma): E from Eq. 12 with running per-depth acceptance, C the
+# measured cost of one round at this batch shape (a plain step for gamma = 0, which then decodes plainly).
+# The choice sees only earlier calls and the costs, never the target's probabilities of the call it decides,
+# and every gamma is exact, so sampling stays exact (the tests force a schedule through every gamma).
+
+
+@torch.no_grad()
+def round_costs(model: GPT, B: int, P: int, max_new_tokens: int, max_gamma: int, cuda_graphs: bool,
+                repeats: int = 5) -> list:
+    """Seconds of one decoding step at batch B, prompt length P: [plain step, round with gamma = 1..max_gamma],
+    each eager or replayed as a CUDA graph, measured with the caches of a real call."""
+    device = model.lm_head.weight.device
+    gen = torch.Generator(device).manual_seed(0)
+    idx = torch.randint(0, model.config.vocab_size, (B, P), device=device, generator=gen)
+    lengths = torch.full((B,), P, device=device)
+    S = P + max_new_tokens + max_gamma
+    plain_caches, caches = Caches(model, B, S), Caches(model, B, S)
+    plain = plain_prefill(model, plain_caches, idx, lengths, max_new_tokens, 1.0, gen, None)
+    spec = speculative_prefill(model, caches, idx, lengths, max_new_tokens, max_gamma, 1.0, gen, None)
+    tensors = list(vars(plain).values()) + list(vars(spec).values()) + plain_caches.tensors() + caches.tensors()
+    steps = [lambda g: plain_step(model, plain_caches, plain, 1.0, None, max_new_tokens, generator=g)] + [
+        functools.partial(lambda g, k: speculative_round(model, caches, spec, k, 1.0, False, None, max_new_tokens,
+                                                         generator=g), k=k) for k in range(1, max_gamma + 1)]
+    costs = []
+    for fn in steps:
+        g = torch.Generator(device).manual_seed(1)
+        fn = functools.partial(fn, g)
+        costs.append(timed(capture_cuda_graph(fn, tensors, g) if cuda_graphs else fn, repeats, device, blocks=3))
+    return costs
+
+
+class DraftLengthChooser:
+    """Chooses gamma for each call from measured round costs and running acceptance.
+
+    alphas: per-depth acceptance estimates (the prior: e.g. the MTP training's teacher-forced acceptance),
+    replaced by each call's counted acceptance (an exponential average with weight `smoothing` on the new
+    call) for the depths that call reached. Costs are profiled once per batch shape and kept."""
+
+    def __init__(self, max_gamma: int, alphas=None, smoothing: float = 0.5):
+        self.max_gamma, self.smoothing = max_gamma, smoothing
+        self.alphas = list(alphas) if alphas is not None else [0.8] * max_gamma
+        self.costs = {}      # (B, P, max_new_tokens, graphs) -> seconds per step for gamma = 0..max_gamma
+        self.chosen = {}     # gamma -> calls
+
+    def expected_tokens(self, gamma: int) -> float:
+        return tokens_per_forward(self.alphas[:gamma])   # Eq. 12
+
+    def choose(self, costs) -> int:
+        """argmax_gamma E(gamma) / C(gamma) over gamma = 0..len(costs)-1 (ties: the shorter draft)."""
+        rate = [self.expected_tokens(g) / c for g, c in enumerate(costs)]
+        return max(range(len(rate)), key=lambda g: (rate[g], -g))
+
+    def state(self) -> dict:
+        return dict(alphas=list(self.alphas), costs=dict(self.costs), chosen=dict(self.chosen))
+
+    def load(self, state: dict):
+        self.alphas, self.costs, self.chosen = list(state["alphas"]), dict(state["costs"]), dict(state["chosen"])
+
+    def observe(self, stats):
+        """Fold a call's counted per-depth acceptance into the estimates (depths it did not reach keep theirs)."""
+        for j, (a, r) in enumerate(zip(stats.get("drafts_accepted", []), stats.get("drafts_reached", []))):
+            if r > 0:
+                self.alphas[j] += self.smoothing * (a / r - self.alphas[j])
+
+
+DRAFT_CHOOSERS = weakref.WeakKeyDictionary()   # a model's own chooser, for gamma="auto" without one
+
+
+def draft_chooser(model: GPT) -> DraftLengthChooser:
+    if model not in DRAFT_CHOOSERS:
+        DRAFT_CHOOSERS[model] = DraftLengthChooser(model.config.mtp_train_steps)
+    return DRAFT_CHOOSERS[model]
+
+
+def adaptive_generate(model: GPT, prompt, max_new_tokens: int, chooser: DraftLengthChooser, **kwargs):
+    """gamma="auto": profile this batch shape once, pick gamma, decode (plainly for gamma = 0), learn."""
+    B = len(prompt)
+    P = prompt.size(1) if isinstance(prompt, torch.Tensor) else max(len(r) for r in prompt)
+    graphs = use_cuda_graphs(kwargs.get("cuda_graphs"), model.lm_head.weight.device)
+    shape = (B, P, int(max_new_tokens), graphs)
+    if shape not in chooser.costs:
+        chooser.costs[shape] = round_costs(model, B, P, int(max_new_tokens), chooser.max_gamma, graphs)
+    gamma = chooser.choose(chooser.costs[shape])
+    chooser.chosen[gamma] = chooser.chosen.get(gamma, 0) + 1
+    if gamma == 0:
+        kwargs.pop("draft")
+        out = generate(model, prompt, max_new_tokens, **kwargs)
+        out.stats.update(gamma_rounds={0: out.stats["target_forwards"] - 1})
+    else:
+        out = speculative_generate(model, prompt, max_new_tokens, gamma=gamma, **kwargs)
+        chooser.observe(out.stats)
+    out.stats.update(gamma=gamma, auto=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # 7. Toy task: "write N digits that sum to S", in a house style.
 #
 # Why this task: the reward is verifiable and exact; every prompt has many correct answers, so the
@@ -1102,25 +1230,28 @@ class DigitSumTask:
         return r, well_formed & right_len & right_sum
 
 
-def answer_mask(lengths, T: int, device=None):
-    """Positions (of T inputs) whose next token is part of the answer: PROMPT_LEN-1 .. length-2."""
+def answer_mask(lengths, T: int, answer_start: int, device=None):
+    """Positions (of T inputs) whose next token is part of the answer: answer_start-1 .. length-2, where
+    the answer starts at position answer_start and sequence b has lengths[b] tokens."""
     t = torch.arange(T, device=device)
-    return (t >= PROMPT_LEN - 1) & (t <= lengths[:, None] - 2)
+    return (t >= answer_start - 1) & (t <= lengths[:, None] - 2)
 
 
-def mtp_chain_targets(seq, lengths, target_logits, draft_logits):
-    """Lay out teacher-forced chains for the MTP losses: one chain per anchor t >= PROMPT_LEN-1.
+def mtp_chain_targets(seq, lengths, target_logits, draft_logits, answer_start: int):
+    """Lay out teacher-forced chains for the MTP losses: one chain per anchor t >= answer_start-1 (the
+    answers start at position answer_start; sequence b has lengths[b] tokens).
 
-    Returns (draft logits (N, K, V), target logits (N, K, V), labels (N, K), mask (N, K)). Step k of
+    draft_logits (B, K, T, ...) may be logits or hidden states. Returns (draft (N, K, ...), target logits
+    (N, K, V), labels (N, K), mask (N, K)). Step k of
     anchor t targets the backbone's row at position t+k (its own next-token law, detached) and the data
     token x_{t+k+1}; a step whose target lies past the answer's end is masked (a prefix per chain)."""
-    B, K, T, V = draft_logits.shape
+    B, K, T = draft_logits.shape[:3]
     t = torch.arange(T, device=seq.device)
     k = torch.arange(1, K + 1, device=seq.device)
     tgt = (t[None, :] + k[:, None]).clamp(max=T - 1)                        # (K, T)
     targets = target_logits[:, tgt]                                         # (B, K, T, V)
     labels = F.pad(seq, (0, 1))[:, (tgt + 1).clamp(max=T)]                  # (B, K, T)
-    mask = (t >= PROMPT_LEN - 1)[None, None, :] & (t[None, None, :] + k[None, :, None] <= lengths[:, None, None] - 2)
+    mask = (t >= answer_start - 1)[None, None, :] & (t[None, None, :] + k[None, :, None] <= lengths[:, None, None] - 2)
     chain = lambda x: x.transpose(1, 2).flatten(0, 1)                       # (B, K, T, ...) -> (B*T, K, ...)
     keep = mask[:, 0].flatten()                                             # anchors with at least one step
     return chain(draft_logits)[keep], chain(targets)[keep], chain(labels)[keep], chain(mask)[keep]
@@ -1145,7 +1276,7 @@ def backbone_parameters(model: GPT):
 def sft_loss(model: GPT, seq, lengths):
     """Next-token cross-entropy on the answer tokens only (digits and the end mark)."""
     logits = model(seq[:, :-1])
-    mask = answer_mask(lengths, seq.size(1) - 1, seq.device)
+    mask = answer_mask(lengths, seq.size(1) - 1, PROMPT_LEN, seq.device)
     ce = F.cross_entropy(logits.flatten(0, 1).float(), seq[:, 1:].flatten(), reduction="none").view(mask.shape)
     return (ce * mask).sum() / mask.sum()
 
@@ -1154,7 +1285,7 @@ def mtp_training_loss(model: GPT, kind: str, seq, lengths, n_steps: int, backbon
     """MTP loss teacher-forced on sequences; the backbone is frozen (no gradient reaches it). backbone:
     model.backbone_outputs(seq) if already computed (heads trained on one fixed set can share it)."""
     target_logits, x = model.mtp_features(seq, n_steps, backbone)
-    draft, target, labels, mask = mtp_chain_targets(seq, lengths, target_logits, x)
+    draft, target, labels, mask = mtp_chain_targets(seq, lengths, target_logits, x, PROMPT_LEN)
     # The shared head is applied inside the loss (the TV losses fuse it, never holding all the logits);
     # detached, so that the MTP loss reaches only the MTP weights.
     return mtp_loss(kind, draft, target, labels, mask, head_weight=model.lm_head.weight.detach())
@@ -1258,7 +1389,8 @@ class TrainConfig:
     kl_coef: float = 0.0
     entropy_coef: float = 0.0    # + rewards policy entropy, - penalises it; 0 is the recipe (moves H on purpose)
     temperature: float = 1.0     # sampling temperature of the rollouts; the trainer's log-probs use the same
-    gamma: int = 3               # drafted tokens per round at rollout time (paper: 3)
+    gamma: object = "auto"       # drafted tokens per round at rollout time: 1..K, or "auto" (chosen per call
+                                 # from measured costs and running acceptance); the paper uses 3
     rollout: str = "spec"        # "spec" (MTP speculative, RS) or "ar" (plain)
     draft: str = "sample"        # "sample" = rejection sampling (RS), "greedy" = target-only (TO)
     mtp_online: str = "none"     # "none" keeps the MTP layer frozen in RL (the paper's recipe)
@@ -1304,7 +1436,6 @@ def setup_distributed(device: str):
     """(Dist, device) for this process; starts the process group when launched by torchrun."""
     if int(os.environ.get("RANK", -1)) == -1:
         return Dist(), device
-    import torch.distributed as dist
     dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
     if device == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -1313,14 +1444,18 @@ def setup_distributed(device: str):
     return Dist(dist.get_rank(), dist.get_world_size()), device
 
 
-def all_reduce(values, world: Dist, op: str = "mean"):
-    """Sum or average a flat list of numbers over the ranks (identity on one process)."""
+def all_reduce(values: dict, world: Dist, op: str = "mean") -> dict:
+    """Sum or average named numbers (a dict of floats or lists of floats) over the ranks; identity on one."""
     if world.world_size == 1:
-        return list(values)
-    import torch.distributed as dist
-    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        return dict(values)
+    sizes = {k: len(v) if isinstance(v, list) else None for k, v in values.items()}
+    flat = [x for v in values.values() for x in (v if isinstance(v, list) else [v])]
+    t = torch.tensor(flat, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
-    return (t / world.world_size if op == "mean" else t).tolist()
+    reduced, out = iter((t / world.world_size if op == "mean" else t).tolist()), {}
+    for k, n in sizes.items():
+        out[k] = [next(reduced) for _ in range(n)] if n is not None else next(reduced)
+    return out
 
 
 def average_gradients(params, world: Dist):
@@ -1328,7 +1463,6 @@ def average_gradients(params, world: Dist):
     MTP layer, which is trained through model.mtp_logits rather than forward) is covered alike."""
     if world.world_size == 1:
         return
-    import torch.distributed as dist
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.flatten() for g in grads])
     dist.all_reduce(flat)
@@ -1340,7 +1474,6 @@ def average_gradients(params, world: Dist):
 def gather_objects(obj, world: Dist):
     if world.world_size == 1:
         return [obj]
-    import torch.distributed as dist
     out = [None] * world.world_size
     dist.all_gather_object(out, obj)
     return out
@@ -1402,7 +1535,6 @@ class Run:
         else:
             self.stale = found
         if world.world_size > 1:
-            import torch.distributed as dist
             dist.barrier()   # the folder is ready before anyone reads it
 
     def path(self, stage):
@@ -1509,7 +1641,7 @@ def run_stage(run: Run, stage: str, steps: int, step_fn, model, optimizers, gene
                                   "of this stage was never written") + "; lower a learning rate or a coefficient")
             run.log(stage, step, **metrics)
             bar.set_postfix_str(describe(metrics), refresh=False)
-            if all_reduce([float(bool(interrupted))], run.world, op="sum")[0] > 0:
+            if all_reduce(dict(interrupted=float(bool(interrupted))), run.world, op="sum")["interrupted"] > 0:
                 run.save(stage, step + 1, False, model, optimizers, generators, extra)
                 bar.n = step + 1                           # the bar shows the step that was saved
                 bar.refresh()
@@ -1544,32 +1676,34 @@ def evaluate(model: GPT, task: DigitSumTask, prompts, seed: int, gamma: int, cud
 
 
 @torch.no_grad()
-def time_rollouts(model: GPT, idx, max_new_tokens: int, gamma: int, eos=None, seed: int = 0, repeats: int = 3,
-                  cuda_graphs=None):
-    """Tokens/s of plain and speculative decoding on the same model and batch, measured alternately over
-    `repeats` seeds so machine noise hits both alike. Returns (plain, speculative, accept length)."""
+def time_rollouts(model: GPT, idx, max_new_tokens: int, gammas, eos=None, seed: int = 0, repeats: int = 3,
+                  cuda_graphs=None, chooser=None):
+    """Tokens/s of decoding the same batch with each draft length in `gammas` (0 = plain decoding, 1..K,
+    or "auto"), the modes alternated over `repeats` seeds so machine noise hits all alike; one untimed call
+    of each first (kernel selection, graph captures, auto's cost profile). Returns {gamma: dict(tokens_per_s,
+    accept_length, chosen)}, chosen being the gamma "auto" picked."""
     model.eval()
     sync = torch.cuda.synchronize if idx.is_cuda else (lambda: None)
-    run = dict(ar=lambda gen: generate(model, idx, max_new_tokens, generator=gen, eos=eos, cuda_graphs=cuda_graphs),
-               spec=lambda gen: speculative_generate(model, idx, max_new_tokens, gamma=gamma, generator=gen, eos=eos,
-                                                     cuda_graphs=cuda_graphs))
-    if idx.is_cuda:   # not timed: kernel selection, and the one-off capture of each graph
-        for mode in run:
-            run[mode](torch.Generator(idx.device).manual_seed(seed))
-    tokens, seconds = {"ar": 0, "spec": 0}, {"ar": 0.0, "spec": 0.0}
+    chooser = chooser or DraftLengthChooser(model.config.mtp_train_steps)
+    def run(g, gen):
+        if g == 0:
+            return generate(model, idx, max_new_tokens, generator=gen, eos=eos, cuda_graphs=cuda_graphs)
+        return speculative_generate(model, idx, max_new_tokens, gamma=g, generator=gen, eos=eos,
+                                    cuda_graphs=cuda_graphs, chooser=chooser)
+    for g in gammas:
+        run(g, torch.Generator(idx.device).manual_seed(seed))
+    tokens, seconds, last = {g: 0 for g in gammas}, {g: 0.0 for g in gammas}, {}
     for r in range(repeats):
-        for mode in ("ar", "spec"):
-            gen = torch.Generator(idx.device).manual_seed(seed + r)   # same seeds for both modes
+        for g in gammas:
+            gen = torch.Generator(idx.device).manual_seed(seed + r)   # same seeds for every mode
             sync()
             t0 = time.perf_counter()
-            out = run[mode](gen)
+            last[g] = run(g, gen)
             sync()
-            seconds[mode] += time.perf_counter() - t0
-            tokens[mode] += out.mask.sum().item()
-            if mode == "spec":
-                spec = out
-    best = {mode: tokens[mode] / seconds[mode] for mode in tokens}
-    return best["ar"], best["spec"], spec.stats["accept_length"]
+            seconds[g] += time.perf_counter() - t0
+            tokens[g] += last[g].mask.sum().item()
+    return {g: dict(tokens_per_s=tokens[g] / seconds[g], accept_length=last[g].stats["accept_length"],
+                    chosen=last[g].stats.get("gamma", 0)) for g in gammas}
 
 
 def optimizer_step(loss, optimizer, params, world: Dist, grad_clip: float):
@@ -1594,7 +1728,7 @@ def train_sft(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
         with autocast(tc, device):
             loss = sft_loss(model, seq.to(device), lengths.to(device))
         optimizer_step(loss, opt, params, world, tc.grad_clip)
-        return dict(loss=all_reduce([loss.item()], world)[0])
+        return all_reduce(dict(loss=loss.item()), world)
 
     model.train()
     run_stage(run, "sft", tc.sft_steps, step_fn, model, [opt], [gen_data], lambda m: f"loss {m['loss']:.3f}")
@@ -1656,20 +1790,21 @@ def train_mtp(run: Run, model: GPT, task: DigitSumTask, gen_data, device, data=N
         with autocast(tc, device):
             loss = mtp_training_loss(model, kind, seq.to(device), lengths.to(device), K, backbone or None)
         optimizer_step(loss, opt, params, world, tc.grad_clip)
-        return dict(loss=all_reduce([loss.item()], world)[0], objective=kind)
+        return dict(**all_reduce(dict(loss=loss.item()), world), objective=kind)
 
     model.train()
     run_stage(run, "mtp", until or tc.mtp_steps, step_fn, model, [opt], [gen_data],
               lambda m: f"{m['objective']} {m['loss']:.3f}")
 
 
-def rollout(model: GPT, tc: TrainConfig, idx, max_new_tokens: int, generator):
-    """The policy's samples for RL: MTP speculative decoding (exact, so on-policy) or plain decoding."""
+def rollout(model: GPT, tc: TrainConfig, idx, max_new_tokens: int, generator, chooser=None):
+    """The policy's samples for RL: MTP speculative decoding (exact, so on-policy) or plain decoding.
+    With gamma "auto" the caller's chooser keeps the costs and acceptance from step to step."""
     model.eval()
     graphs = graph_mode(tc)
     if tc.rollout == "spec":
         return speculative_generate(model, idx, max_new_tokens, gamma=tc.gamma, draft=tc.draft, temperature=tc.temperature,
-                                    generator=generator, eos=EOS, cuda_graphs=graphs)
+                                    generator=generator, eos=EOS, cuda_graphs=graphs, chooser=chooser)
     return generate(model, idx, max_new_tokens, temperature=tc.temperature, generator=generator, eos=EOS,
                     cuda_graphs=graphs)
 
@@ -1685,6 +1820,9 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
     mtp_opt = [] if tc.mtp_online == "none" else [   # paper 5.3: own optimizer, learning rate and clipping
         torch.optim.AdamW(mtp_params, lr=tc.mtp_online_lr, betas=(0.9, 0.95), weight_decay=0.0)]
     policy = rollout_weights(model, tc.precision)   # what rollouts run on (model itself in fp32)
+    K = model.config.mtp_train_steps
+    chooser = DraftLengthChooser(K) if tc.gamma == "auto" else None   # owned by this loop: costs profiled once
+    depth = K if tc.gamma == "auto" else tc.gamma                       # draft depths logged per step
     ref = None
     if tc.kl_coef > 0:
         ref = GPT(model.config).to(device)
@@ -1699,7 +1837,12 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
         idx, S, N = (x.repeat_interleave(G, 0).to(device) for x in (idx, S, N))
         t0 = time.perf_counter()
         refresh_rollout_weights(policy, model)
-        roll = rollout(policy, tc, idx, task.max_new_tokens, gen_roll)
+        if chooser is not None and "chooser" in extra and not extra.get("chooser_loaded"):
+            chooser.load(extra["chooser"])   # a resumed run decides as the interrupted one would have
+            extra["chooser_loaded"] = True
+        roll = rollout(policy, tc, idx, task.max_new_tokens, gen_roll, chooser)
+        if chooser is not None:
+            extra["chooser"] = chooser.state()
         rollout_s = time.perf_counter() - t0
         rewards, correct = task.reward(roll.new_tokens, S, N)
         advantages = group_advantages(rewards, G)
@@ -1724,24 +1867,29 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
         mask = roll.mask.float()
         loss_value = loss.item()                   # waits for the update: the step ends here
         step_s = time.perf_counter() - t_step
-        means = all_reduce([loss_value, rewards.mean().item(), correct.float().mean().item(),
-                            ((entropy.detach() * mask).sum() / mask.sum()).item(), rollout_s, step_s], world)
-        gamma = tc.gamma if tc.rollout == "spec" else 0
+        means = all_reduce(dict(loss=loss_value, reward=rewards.mean().item(), accuracy=correct.float().mean().item(),
+                                entropy=((entropy.detach() * mask).sum() / mask.sum()).item(), rollout_s=rollout_s,
+                                step_s=step_s), world)
         hist = roll.stats.get("accept_histogram", [])
-        reached, accepted = roll.stats.get("drafts_reached", []), roll.stats.get("drafts_accepted", [])
         # Kept tokens after the prefill's first, and the row-rounds (target forwards per row) they took.
-        kept, row_rounds = sum((i + 1) * h for i, h in enumerate(hist)), sum(hist)
-        sums = all_reduce([mask.sum().item() / rollout_s, kept, row_rounds] + reached + accepted, world, op="sum")
-        metrics = dict(loss=means[0], reward=means[1], accuracy=means[2], entropy=means[3], rollout_s=means[4],
-                       step_s=means[5], tokens_per_s=sums[0], kept_tokens=sums[1], row_rounds=sums[2],
-                       accept_length=sums[1] / sums[2] if sums[2] else 1.0,
-                       drafts_reached=sums[3:3 + gamma], drafts_accepted=sums[3 + gamma:],
-                       acceptance=[a / max(r, 1) for a, r in zip(sums[3 + gamma:], sums[3:3 + gamma])] or None)
+        sums = all_reduce(dict(tokens_per_s=mask.sum().item() / rollout_s,
+                               kept_tokens=sum((i + 1) * h for i, h in enumerate(hist)), row_rounds=sum(hist),
+                               # padded to K depths: ranks (and steps, with gamma "auto") may draft different lengths
+                               drafts_reached=(roll.stats.get("drafts_reached", []) + [0] * K)[:depth],
+                               drafts_accepted=(roll.stats.get("drafts_accepted", []) + [0] * K)[:depth]), world, op="sum")
+        gamma = roll.stats.get("gamma", 0) if tc.rollout == "spec" else 0
+        extra["gamma_chosen"] = {**extra.get("gamma_chosen", {}), str(gamma): extra.get("gamma_chosen", {}).get(str(gamma), 0) + 1}
+        metrics = dict(**means, **sums, gamma=gamma,
+                       accept_length=sums["kept_tokens"] / sums["row_rounds"] if sums["row_rounds"] else 1.0,
+                       acceptance=[a / r if r else None for a, r in zip(sums["drafts_accepted"], sums["drafts_reached"])]
+                       if tc.rollout == "spec" else None)
         extra["recent"] = (extra.get("recent", []) + [metrics])[-10:]
         return {**metrics, **probed}
 
     def describe(m):
-        acc = "" if m["acceptance"] is None else " alpha " + "/".join(f"{a:.2f}" for a in m["acceptance"])
+        alphas = [a for a in m["acceptance"] or [] if a is not None]
+        acc = (f" gamma {m['gamma']}" + (" alpha " + "/".join(f"{a:.2f}" for a in alphas) if alphas else "")
+               if tc.rollout == "spec" else "")
         return (f"reward {m['reward']:.3f} acc {m['accuracy']:.2f} H {m['entropy']:.2f}{acc} "
                 f"len {m['accept_length']:.2f} {m['tokens_per_s']:.0f} tok/s")
 
@@ -1754,9 +1902,9 @@ def recent_acceptance(recent):
     recent = [m for m in recent if m["acceptance"] is not None]
     if not recent:
         return None
-    reached = torch.tensor([m["drafts_reached"] for m in recent]).sum(0)
-    accepted = torch.tensor([m["drafts_accepted"] for m in recent]).sum(0)
-    return (accepted / reached.clamp(min=1)).tolist()
+    reached = torch.tensor([m["drafts_reached"] for m in recent]).sum(0).tolist()
+    accepted = torch.tensor([m["drafts_accepted"] for m in recent]).sum(0).tolist()
+    return [a / r if r else None for a, r in zip(accepted, reached)]   # None: a depth never drafted
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1799,7 +1947,7 @@ def teacher_forced_acceptance(model: GPT, tokens, mask, depth: int, temperature:
     and the e2e TV loss assume."""
     lengths = PROMPT_LEN + mask.sum(1)
     target_logits, draft_logits = model.mtp_logits(tokens, depth, backbone)
-    draft, target, _, valid = mtp_chain_targets(tokens, lengths, target_logits, draft_logits)
+    draft, target, _, valid = mtp_chain_targets(tokens, lengths, target_logits, draft_logits, PROMPT_LEN)
     p, q = probs_from_logits(target, temperature), probs_from_logits(draft, temperature)
     entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)
     rs = torch.minimum(p, q).sum(-1)
@@ -1843,6 +1991,8 @@ class Lab:
 
     def __init__(self, args):
         self.tc, self.task, self.cfg, self.device, _ = configure(args)
+        if self.tc.gamma == "auto":   # the findings are measured at a fixed draft length, the paper's 3
+            self.tc.gamma = BENCH_GAMMA
         self.out = args.out
         torch.manual_seed(self.tc.seed)
         model = GPT(self.cfg).to(self.device)
@@ -1868,12 +2018,13 @@ class Lab:
             self.data = (seq, lengths) + tuple(torch.cat(parts) for parts in zip(*outs))
         return self.data
 
-    def train_head(self, loss: str, seed: int):
+    def train_head(self, loss: str, seed: int, data: str = "policy"):
         """Train the head of (loss, seed) in out/exp_mtp_{loss}_s{seed}/. All losses of one seed share the
-        CE warm-up (the first mtp_ce_warmup of the steps, identical for every loss), trained once."""
-        tc = TrainConfig(**{**asdict(self.tc), "mtp_loss": loss, "seed": self.tc.seed + seed})
-        folder = os.path.join(self.out, f"exp_mtp_{loss}_s{seed}")
-        warm = int(tc.mtp_ce_warmup * tc.mtp_steps)
+        CE warm-up (the first mtp_ce_warmup of the steps, identical for every loss), trained once. data="sft"
+        trains on fresh SFT examples instead of the policy's samples (warm-up included, not shared)."""
+        tc = TrainConfig(**{**asdict(self.tc), "mtp_loss": loss, "seed": self.tc.seed + seed, "mtp_data": data})
+        folder = os.path.join(self.out, f"exp_mtp_{loss}_s{seed}" + ("_sft_data" if data == "sft" else ""))
+        warm = int(tc.mtp_ce_warmup * tc.mtp_steps) if data == "policy" else 0
         model = GPT(self.cfg).to(self.device)
         model.load_state_dict(self.sft_state)
         torch.manual_seed(1000 + seed)
@@ -1891,20 +2042,20 @@ class Lab:
         train_mtp(run, model, self.task, torch.Generator().manual_seed(tc.seed), self.device, data=self.mtp_data)
         return {k: v.clone() for k, v in model.state_dict().items()}
 
-    def policy_with_head(self, loss: str, seed: int = 0) -> GPT:
+    def policy_with_head(self, loss: str, seed: int = 0, data: str = "policy") -> GPT:
         """The SFT policy with an MTP layer trained by `loss` (same budget, data and seed for every loss)."""
-        if (loss, seed) not in self.heads:
-            self.heads[loss, seed] = self.train_head(loss, seed)
+        if (loss, seed, data) not in self.heads:
+            self.heads[loss, seed, data] = self.train_head(loss, seed, data)
         model = GPT(self.cfg).to(self.device)
-        model.load_state_dict(self.heads[loss, seed])
+        model.load_state_dict(self.heads[loss, seed, data])
         return model.eval()
 
-    def rollouts(self, loss: str, temperature=1.0, draft="sample", seed=0):
+    def rollouts(self, loss: str, temperature=1.0, draft="sample", seed=0, data="policy"):
         """Speculative rollouts on the held-out prompts with the head of (loss, seed); kept for reuse."""
-        key = ("rollouts", loss, seed, temperature, draft)
+        key = ("rollouts", loss, seed, temperature, draft, data)
         if key not in self.heads:
             gen = torch.Generator(self.device).manual_seed(0)
-            self.heads[key] = speculative_generate(self.policy_with_head(loss, seed), self.held_out[0],
+            self.heads[key] = speculative_generate(self.policy_with_head(loss, seed, data), self.held_out[0],
                                                    self.task.max_new_tokens, gamma=self.tc.gamma,
                                                    temperature=temperature, draft=draft, generator=gen, eos=EOS)
         return self.heads[key]
@@ -1920,12 +2071,14 @@ def experiment_losses(lab: Lab):
     training: teacher-forced expected acceptance per depth on fixed held-out contexts (no sampling noise),
     the tokens per forward it implies (Eq. 12), and counted accept length of held-out rollouts, T = 1."""
     result = {}
-    for loss in MTP_LOSSES:
+    variants = [(loss, "policy") for loss in MTP_LOSSES] + [("ce", "sft")]   # + CE on the SFT data: its bias
+    for loss, data in variants:
         per_seed = []
         for seed in SEEDS:
-            model = lab.policy_with_head(loss, seed)
+            model = lab.policy_with_head(loss, seed, data)
             rs_tf, to_tf = lab.expected(model)
-            rs, to = lab.rollouts(loss, seed=seed).stats, lab.rollouts(loss, draft="greedy", seed=seed).stats
+            rs = lab.rollouts(loss, seed=seed, data=data).stats
+            to = lab.rollouts(loss, draft="greedy", seed=seed, data=data).stats
             per_seed.append(dict(seed=seed, rs_expected_acceptance=rs_tf, to_expected_acceptance=to_tf,
                                  rs_expected_length=tokens_per_forward(rs_tf),
                                  to_expected_length=tokens_per_forward(to_tf),
@@ -1935,18 +2088,18 @@ def experiment_losses(lab: Lab):
                    ("rs_expected_length", "to_expected_length", "rs_accept_length", "to_accept_length")}
         for key in ("rs_expected_acceptance", "to_expected_acceptance"):
             summary[key] = [mean_std(col) for col in zip(*[r[key] for r in per_seed])]
-        result[loss] = dict(seeds=per_seed, **summary)
+        result[loss if data == "policy" else f"{loss}_sft_data"] = dict(seeds=per_seed, data=data, **summary)
     ranking = {key: rank_with_ties({k: result[k][key] for k in MTP_LOSSES})
                for key in ("rs_expected_length", "rs_accept_length", "to_expected_length")}
     print(f"\nlosses (paper Table 2; paper: RS e2e_tv > tv > rkl >= kl = ce, TO nearly equal), mean +- std over "
-          f"{len(SEEDS)} seeds of MTP training; expected = teacher-forced on fixed contexts (Eq. 2 per depth, "
-          f"Eq. 12), counted = held-out rollouts")
-    print(f"  {'loss':7} {'RS expected alpha_1..3':28} {'RS expected':>13} {'RS counted':>13} {'TO expected':>13} "
+          f"{len(SEEDS)} seeds of MTP training on the policy's own samples (ce_sft_data: CE on the SFT data); "
+          f"expected = teacher-forced on fixed contexts (Eq. 2 per depth, Eq. 12), counted = held-out rollouts")
+    print(f"  {'loss':11} {'RS expected alpha_1..3':24} {'RS expected':>13} {'RS counted':>13} {'TO expected':>13} "
           f"{'TO counted':>13}")
     pm = lambda ms: f"{ms[0]:.3f}+-{ms[1]:.3f}"
     for loss, r in result.items():
         alphas = "/".join(f"{m:.3f}" for m, _ in r["rs_expected_acceptance"])
-        print(f"  {loss:7} {alphas:28} {pm(r['rs_expected_length']):>13} {pm(r['rs_accept_length']):>13} "
+        print(f"  {loss:11} {alphas:24} {pm(r['rs_expected_length']):>13} {pm(r['rs_accept_length']):>13} "
               f"{pm(r['to_expected_length']):>13} {pm(r['to_accept_length']):>13}")
     for key, text in ranking.items():
         print(f"  {key:20} {text}   ('>' only where the gap exceeds both spreads added)")
@@ -2005,7 +2158,7 @@ def rl_probe(lab: Lab, online: bool):
         sft = GPT(lab.cfg).to(lab.device)
         sft.load_state_dict(lab.sft_state)
         start_logp = F.log_softmax(sft(tokens[:, :-1]).float(), -1)
-    answer = answer_mask(PROMPT_LEN + mask.sum(1), tokens.size(1) - 1, tokens.device)
+    answer = answer_mask(PROMPT_LEN + mask.sum(1), tokens.size(1) - 1, PROMPT_LEN, tokens.device)
     gamma = lab.tc.gamma
 
     @torch.no_grad()
@@ -2099,8 +2252,8 @@ def experiment_entropy(lab: Lab, rl_result):
                                      rl_result[name]["teacher_forced_acceptance"][head][series])["slope"]
                       for rule, (head, series) in FIG1A_RULES.items()} for name in ENTROPY_RUNS}
     spans = {name: (min(rl_result[name]["entropy"]), max(rl_result[name]["entropy"])) for name in rl_result}
-    # Teacher-forced against counted accept length of the drafting head: the approximation NOTES-style
-    # expected acceptance makes beyond depth 1, measured.
+    # Teacher-forced against counted accept length of the drafting head: beyond depth 1, expected acceptance
+    # conditions on the rollout's own next tokens where decoding conditions on accepted drafts; measured.
     tf_gap = [c - t for r in rl_result.values() if r["online"] == "none"
               for c, t in zip(r["accept_length"], r["teacher_forced_acceptance"]["e2e_tv"]["rs_length"])]
     rs_ce, rs_tv = lab.policy_with_head("ce"), lab.policy_with_head("e2e_tv")
@@ -2410,6 +2563,9 @@ def tv_memory_benchmark(device, rows: int = 768, vocab: int = 32768, hidden: int
     return result
 
 
+BENCH_GAMMA = 3   # the paper's draft length: the per-piece costs and the "spec" GRPO rollouts use it
+
+
 def run_benchmark(args):
     """Train (or reuse from --out) the preset's SFT policy and MTP layer, then time everything."""
     tc, task, cfg, device, _ = configure(args)
@@ -2423,61 +2579,82 @@ def run_benchmark(args):
     policy = rollout_weights(model, tc.precision)
     held_out = held_out_prompts(task, tc, device)
     cuda = device.startswith("cuda")
-    batches = (1, 16, 64, 256) if cuda else (1, 4, 16)
+    batches = (1, 16, 64, 256) if cuda else (1, 4, 16, tc.rl_prompts * tc.group_size)
     graph_settings = ([False, True] if tc.cuda_graphs else [False]) if cuda_graphs_supported(device) else [False]
+    K, gamma = cfg.mtp_train_steps, BENCH_GAMMA
+    gammas = [0] + list(range(1, K + 1)) + ["auto"]
     rows = []
     print(f"\nbench on {device_name(device)}, preset {tc.preset} ({cfg.n_layer} layers + 1 MTP layer, d={cfg.n_embd}), "
-          f"{tc.precision}, gamma={tc.gamma}, temperature 1, exact sampling (RS)")
-    print(f"{'batch':>5} {'graphs':>6} {'plain tok/s':>11} {'spec tok/s':>10} {'speedup':>7} {'len':>5} {'t_plain':>8} "
-          f"{'t_verify':>8} {'t_draft':>8} {'t_step':>8} {'other':>5} {'ideal':>6} {'ach/ideal':>9} {'ceiling':>7}")
+          f"{tc.precision}, temperature 1, exact sampling (RS); tokens/s of plain decoding, each fixed gamma, and auto")
+    print(f"{'batch':>5} {'graphs':>6} " + " ".join(f"{'plain' if g == 0 else 'g=' + str(g):>7}" for g in gammas[:-1])
+          + f" {'auto':>7} {'chose':>5} {'auto/best':>9}")
     for B in batches:
         idx = held_out[0][torch.arange(B, device=device) % held_out[0].size(0)]
         for graphs in graph_settings:
-            plain_tps, spec_tps, accept_len = time_rollouts(policy, idx, task.max_new_tokens, tc.gamma, EOS,
-                                                            repeats=3, cuda_graphs=graphs)
-            c = step_costs(policy, B, tc.gamma, device, graphs)
-            drafting_and_verify = c["t_verify"] + tc.gamma * c["t_draft"]
-            row = dict(batch=B, cuda_graphs=graphs, **c, speedup=spec_tps / plain_tps,
-                       ideal_speedup=accept_len * c["t_plain"] / drafting_and_verify,
-                       ceiling=(tc.gamma + 1) * c["t_plain"] / c["t_spec_step"],
-                       other_share=1 - drafting_and_verify / c["t_spec_step"])  # sampling + bookkeeping
-            row["achieved_over_ideal"] = row["speedup"] / row["ideal_speedup"]
-            rows.append(dict(mode="plain", tokens_per_s=plain_tps, accept_length=1.0, **row))
-            rows.append(dict(mode="spec", tokens_per_s=spec_tps, accept_length=accept_len, **row))
-            ms = {name: f"{c[name] * 1e3:7.3f}ms" for name in ("t_plain", "t_verify", "t_draft", "t_spec_step")}
-            print(f"{B:5d} {'on' if graphs else 'off':>6} {plain_tps:11.0f} {spec_tps:10.0f} {row['speedup']:6.2f}x "
-                  f"{accept_len:5.2f} {ms['t_plain']} {ms['t_verify']} {ms['t_draft']} {ms['t_spec_step']} "
-                  f"{row['other_share']:5.0%} {row['ideal_speedup']:5.2f}x {row['achieved_over_ideal']:8.0%} "
-                  f"{row['ceiling']:6.2f}x")
+            speed = time_rollouts(policy, idx, task.max_new_tokens, gammas, EOS, repeats=3, cuda_graphs=graphs)
+            c = step_costs(policy, B, gamma, device, graphs)
+            best = max(speed[g]["tokens_per_s"] for g in gammas[:-1])
+            for g in gammas:
+                rows.append(dict(mode="plain" if g == 0 else "spec", batch=B, cuda_graphs=graphs,
+                                 **({} if g == 0 else dict(gamma=g)), tokens_per_s=speed[g]["tokens_per_s"],
+                                 accept_length=speed[g]["accept_length"],
+                                 **({"chosen": speed[g]["chosen"], "auto_over_best": speed[g]["tokens_per_s"] / best}
+                                    if g == "auto" else {})))
+            # The cost of each piece of a gamma = BENCH_GAMMA round, and what that round's acceptance allows.
+            drafting_and_verify = c["t_verify"] + gamma * c["t_draft"]
+            accept_len, plain_tps = speed[gamma]["accept_length"], speed[0]["tokens_per_s"]
+            piece = dict(mode="pieces", batch=B, cuda_graphs=graphs, gamma=gamma, accept_length=accept_len, **c,
+                         speedup=speed[gamma]["tokens_per_s"] / plain_tps,
+                         ideal_speedup=accept_len * c["t_plain"] / drafting_and_verify,
+                         ceiling=(gamma + 1) * c["t_plain"] / c["t_spec_step"],
+                         other_share=1 - drafting_and_verify / c["t_spec_step"])  # sampling + bookkeeping
+            piece["achieved_over_ideal"] = piece["speedup"] / piece["ideal_speedup"]
+            rows.append(piece)
+            print(f"{B:5d} {'on' if graphs else 'off':>6} " + " ".join(f"{speed[g]['tokens_per_s']:7.0f}" for g in gammas)
+                  + f" {speed['auto']['chosen']:5d} {speed['auto']['tokens_per_s'] / best:8.2f}x")
+    print(f"  tokens/s of the same held-out prompts; 'chose': the gamma auto picked from its measured round costs "
+          f"(a plain step for 0) and running acceptance; auto/best: auto over the best fixed choice")
+    print(f"\npieces of a gamma = {gamma} round")
+    print(f"{'batch':>5} {'graphs':>6} {'speedup':>7} {'len':>5} {'t_plain':>8} {'t_verify':>8} {'t_draft':>8} {'t_step':>8} "
+          f"{'other':>5} {'ideal':>6} {'ach/ideal':>9} {'ceiling':>7}")
+    for r in (r for r in rows if r["mode"] == "pieces"):
+        ms = {name: f"{r[name] * 1e3:7.3f}ms" for name in ("t_plain", "t_verify", "t_draft", "t_spec_step")}
+        print(f"{r['batch']:5d} {'on' if r['cuda_graphs'] else 'off':>6} {r['speedup']:6.2f}x "
+              f"{r['accept_length']:5.2f} "
+              f"{ms['t_plain']} {ms['t_verify']} {ms['t_draft']} {ms['t_spec_step']} {r['other_share']:5.0%} "
+              f"{r['ideal_speedup']:5.2f}x {r['achieved_over_ideal']:8.0%} {r['ceiling']:6.2f}x")
     print("  t_plain: one plain step; t_verify: the verify forward alone; t_draft: one MTP draft step; t_step: one\n"
           "  whole speculative round; other: the round's share spent outside drafting and verifying (sampling,\n"
           "  bookkeeping); ideal = len x t_plain / (t_verify + gamma t_draft); ceiling = (gamma+1) t_plain / t_step")
     for B in batches:
-        eager = next(r for r in rows if r["batch"] == B and not r["cuda_graphs"])
-        graphed = next((r for r in rows if r["batch"] == B and r["cuda_graphs"]), None)
+        eager = next(r for r in rows if r["batch"] == B and r["mode"] == "pieces" and not r["cuda_graphs"])
+        graphed = next((r for r in rows if r["batch"] == B and r["mode"] == "pieces" and r["cuda_graphs"]), None)
         print(f"  batch {B:3d}: one eager plain step launches {eager['launches_plain']} "
               f"{'kernels' if cuda else 'ops'}, one eager round {eager['launches_spec_step']}"
               + (f"; CUDA graphs make the round {eager['t_spec_step'] / graphed['t_spec_step']:.1f}x faster "
                  f"and the plain step {eager['t_plain'] / graphed['t_plain']:.1f}x" if graphed else ""))
 
     grpo = {}
-    for kind in ("spec", "ar"):   # one GRPO step = rollouts + one policy update, from the same weights
-        m = GPT(cfg).to(device)
+    for kind, roll_kind, g in (("plain", "ar", gamma), ("spec", "spec", gamma), ("auto", "spec", "auto")):
+        m = GPT(cfg).to(device)    # one GRPO step = rollouts + one policy update, from the same weights
         m.load_state_dict(model.state_dict())
-        tcr = TrainConfig(**{**asdict(tc), "rollout": kind, "rl_steps": 4, "ckpt_every": 10**9})
+        tcr = TrainConfig(**{**asdict(tc), "rollout": roll_kind, "gamma": g, "rl_steps": 4, "ckpt_every": 10**9})
         bench_run = Run(os.path.join(args.out, f"bench_grpo_{kind}"), tcr, cfg, resume=False, overwrite=True,
                         first_stage="grpo")
         extra = {}
         train_grpo(bench_run, m, task, torch.Generator().manual_seed(0), torch.Generator(device).manual_seed(1),
                    device, extra)
-        steps = extra["recent"][1:]   # the first step also captures graphs and picks kernels: not timed
+        steps = extra["recent"][1:]   # the first step also captures graphs, picks kernels, profiles: not timed
         grpo[kind] = dict(step_s=sum(s["step_s"] for s in steps) / len(steps),
-                          rollout_s=sum(s["rollout_s"] for s in steps) / len(steps))
+                          rollout_s=sum(s["rollout_s"] for s in steps) / len(steps), gamma=[s["gamma"] for s in steps])
+        rows.append(dict(mode="grpo_step", rollout=kind, batch=tc.rl_prompts * tc.group_size, cuda_graphs=tc.cuda_graphs
+                         and cuda, seconds=grpo[kind]["step_s"], rollout_seconds=grpo[kind]["rollout_s"]))
     tv = tv_memory_benchmark(device)
-    print(f"\nGRPO step ({tc.rl_prompts} prompts x {tc.group_size}, mean of 3 after one warm-up step): "
-          f"{grpo['spec']['step_s']:.3f} s with speculative rollouts ({grpo['spec']['rollout_s']:.3f} s rollout), "
-          f"{grpo['ar']['step_s']:.3f} s with plain ({grpo['ar']['rollout_s']:.3f} s) -> "
-          f"{grpo['ar']['step_s'] / grpo['spec']['step_s']:.2f}x")
+    print(f"\nGRPO step ({tc.rl_prompts} prompts x {tc.group_size}, mean of 3 after one warm-up step): plain rollouts "
+          f"{grpo['plain']['step_s']:.3f} s ({grpo['plain']['rollout_s']:.3f} s rollout), gamma {gamma} "
+          f"{grpo['spec']['step_s']:.3f} s ({grpo['spec']['rollout_s']:.3f} s, {grpo['plain']['step_s'] / grpo['spec']['step_s']:.2f}x), "
+          f"auto {grpo['auto']['step_s']:.3f} s ({grpo['auto']['rollout_s']:.3f} s, "
+          f"{grpo['plain']['step_s'] / grpo['auto']['step_s']:.2f}x; chose gamma {grpo['auto']['gamma']})")
     print(f"TV loss + head matmul, forward + backward, {tv['lean_tv']['rows']} rows x vocab {tv['lean_tv']['vocab']}, "
           f"hidden {tv['lean_tv']['hidden']}: peak memory above the inputs, each in its own process "
           f"({'max_memory_allocated' if cuda else 'peak RSS'}): per-step TV plain autograd "
@@ -2486,7 +2663,7 @@ def run_benchmark(args):
           f"{tv['lean_e2e']['peak_mb']:.0f} MB ({tv['lean_e2e']['peak_mb'] / tv['plain_e2e']['peak_mb']:.0%}); time "
           f"{tv['plain_tv']['seconds'] * 1e3:.0f} ms plain vs {tv['lean_tv']['seconds'] * 1e3:.0f} ms lean (it recomputes "
           f"the logits in the backward)")
-    result = dict(device=device_name(device), preset=tc.preset, precision=tc.precision, gamma=tc.gamma, rows=rows,
+    result = dict(device=device_name(device), preset=tc.preset, precision=tc.precision, gamma=gamma, rows=rows,
                   grpo_step=grpo, tv_loss=tv)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(rows, f, indent=1)
@@ -2568,8 +2745,17 @@ def parse_args(argv=None):
     ap.add_argument("--rollout", choices=["spec", "ar"], default="spec", help="speculative or plain (ar) rollouts")
     ap.add_argument("--draft", choices=DRAFT_RULES, default="sample",
                     help="sample: rejection sampling (RS); greedy: target-only verification (TO)")
-    ap.add_argument("--gamma", type=integer_in(1, K), default=3,
-                    help=f"drafted tokens per round, 1..{K} (the depth the MTP layer is trained to)")
+    def draft_length(text):
+        if text == "auto":
+            return text
+        try:
+            return integer_in(1, K)(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected auto or an integer in 1..{K}, got {text!r}") from None
+
+    ap.add_argument("--gamma", type=draft_length, default="auto",
+                    help=f"drafted tokens per round in the RL rollouts: 1..{K} (the depth the MTP layer is trained to), "
+                         f"or auto (chosen per rollout from measured costs and running acceptance; the paper uses 3)")
     ap.add_argument("--mtp-online", choices=("none",) + MTP_LOSSES, default="none",
                     help="update the MTP layer during RL with this loss (none: frozen, the recipe)")
     ap.add_argument("--kl-coef", type=real_in(0, 1e6), default=0.0,
@@ -2663,7 +2849,6 @@ def train(args):
     if world.master:
         summary = summarize(model, task, tc, held_out, extra, t_start, args.out, device)
     if world.world_size > 1:
-        import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
     return model, summary
@@ -2674,9 +2859,13 @@ def summarize(model, task, tc: TrainConfig, held_out, extra, t_start, out, devic
     policy, graphs = rollout_weights(model, tc.precision), graph_mode(tc)
     reward_after, accuracy_after = evaluate(policy, task, held_out, tc.seed, tc.gamma, graphs, tc.temperature)
     batch = held_out[0][:tc.rl_prompts * tc.group_size]
-    ar_tps, spec_tps, _ = time_rollouts(policy, batch, task.max_new_tokens, tc.gamma, EOS, cuda_graphs=graphs)
-    ar_tps1, spec_tps1, _ = time_rollouts(policy, batch[:1], task.max_new_tokens, tc.gamma, EOS, repeats=10,
-                                          cuda_graphs=graphs)
+    gamma = tc.gamma if tc.gamma != "auto" else BENCH_GAMMA
+    modes = [0, gamma] + (["auto"] if tc.gamma == "auto" else [])
+    at_rl = time_rollouts(policy, batch, task.max_new_tokens, modes, EOS, cuda_graphs=graphs)
+    at_1 = time_rollouts(policy, batch[:1], task.max_new_tokens, modes, EOS, repeats=10, cuda_graphs=graphs)
+    spec = tc.gamma   # what the RL rollouts used: a fixed gamma, or auto
+    ar_tps, spec_tps, ar_tps1, spec_tps1 = (at_rl[0]["tokens_per_s"], at_rl[spec]["tokens_per_s"],
+                                            at_1[0]["tokens_per_s"], at_1[spec]["tokens_per_s"])
     recent = extra.get("recent", [])
     summary = dict(
         preset=tc.preset, device=str(device), mtp_loss=tc.mtp_loss, rollout=tc.rollout, draft=tc.draft,
@@ -2689,21 +2878,28 @@ def summarize(model, task, tc: TrainConfig, held_out, extra, t_start, out, devic
         rollout_speedup=spec_tps / ar_tps, rollout_batch=batch.size(0),
         tokens_per_s=dict(plain=ar_tps, speculative=spec_tps),
         rollout_speedup_batch1=spec_tps1 / ar_tps1, recent_steps=len(recent), smoke_test=tc.preset == "tiny",
+        speed={str(g): dict(batch=at_rl[g], batch1=at_1[g]) for g in modes},
+        gamma_chosen_in_rl=extra.get("gamma_chosen", {}),
         wall_seconds=time.time() - t_start,
     )
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     cfg = model.config
     n_recent = len(recent)
-    alphas = ", ".join(f"{a:.3f}" for a in summary["acceptance"]) if summary["acceptance"] else "n/a (plain rollouts)"
+    alphas = (", ".join("n/a" if a is None else f"{a:.3f}" for a in summary["acceptance"]) + " (n/a: never drafted)"
+              if summary["acceptance"] else "n/a (plain rollouts)")
     smoke = ("\n  (preset tiny is a smoke test of the code path: the model is too small and the run too short to "
              "learn the task; its reward can fall)" if tc.preset == "tiny" else "")
-    slower = ""
-    if summary["rollout_speedup"] < 1:
-        slower = (f"\n  Speculative rollouts are slower at batch {batch.size(0)} here: the verify forward of "
-                  f"{tc.gamma + 1} tokens per row is compute bound\n  at that batch on this device, so it costs "
-                  f"nearly {tc.gamma + 1} plain steps; drafting pays where a forward is latency bound (small batches,"
-                  f"\n  a GPU). `python bebop.py --bench` measures where the crossover lies.")
+    chosen = ", ".join(f"gamma {g}: {n} steps" for g, n in sorted(summary["gamma_chosen_in_rl"].items()))
+    line = lambda label, r: (f"  rollout speed, {label:<22}" + ", ".join(
+        f"{'plain' if g == 0 else 'gamma ' + str(g)} {r[g]['tokens_per_s']:.0f}" for g in modes)
+        + f" tok/s -> {r[spec]['tokens_per_s'] / r[0]['tokens_per_s']:.2f}x plain"
+        + (f" (auto chose gamma {r['auto']['chosen']})" if spec == "auto" else ""))
+    fixed_slower = at_rl[gamma]["tokens_per_s"] < at_rl[0]["tokens_per_s"]
+    why = (f"\n  At batch {batch.size(0)} a fixed gamma = {gamma} is slower than plain decoding here: the verify forward "
+           f"of {gamma + 1} tokens per row is\n  compute bound at that batch on this device, so it costs nearly "
+           f"{gamma + 1} plain steps; drafting pays where a forward is latency\n  bound (small batches, a GPU), which "
+           f"is what gamma auto measures. `python bebop.py --bench` shows the crossover." if fixed_slower else "")
     print(f"""
 What happened{smoke}
   SFT taught a {cfg.n_layer}-layer GPT the task from examples; its MTP layer then learned, with the
@@ -2713,12 +2909,11 @@ What happened{smoke}
           f"""(exactly right: {summary['accuracy_before']:.1%} -> {accuracy_after:.1%})
   the last {n_recent} RL steps (of {tc.rl_steps}), counting only the tokens rows keep:
     acceptance per draft step            {alphas}
-    tokens per policy forward            {summary['accept_length']:.2f} of at most {tc.gamma + 1 if tc.rollout == "spec" else 1}
+    tokens per policy forward            {summary['accept_length']:.2f}
     policy entropy per token             {summary['entropy']:.3f} nats
-  rollout speed, batch {batch.size(0):<4}            {spec_tps:.0f} tok/s speculative vs {ar_tps:.0f} plain """
-          f"""-> {summary['rollout_speedup']:.2f}x
-  rollout speed, batch 1               {spec_tps1:.0f} tok/s speculative vs {ar_tps1:.0f} plain """
-          f"""-> {summary['rollout_speedup_batch1']:.2f}x{slower}
+  draft length used by the RL rollouts   {chosen or 'n/a (plain rollouts)'}
+{line(f"batch {batch.size(0)}", at_rl)}
+{line("batch 1", at_1)}{why}
   wall time                            {summary['wall_seconds']:.0f} s; summary in {os.path.join(out, 'summary.json')}""")
     return summary
 
