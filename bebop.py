@@ -1073,11 +1073,17 @@ def round_costs(model: GPT, B: int, P: int, max_new_tokens: int, max_gamma: int,
     steps = [lambda g: plain_step(model, plain_caches, plain, 1.0, None, max_new_tokens, generator=g)] + [
         functools.partial(lambda g, k: speculative_round(model, caches, spec, k, 1.0, False, None, max_new_tokens,
                                                          generator=g), k=k) for k in range(1, max_gamma + 1)]
-    costs = []
+    calls = []
     for fn in steps:
         g = torch.Generator(device).manual_seed(1)
         fn = functools.partial(fn, g)
-        costs.append(timed(capture_cuda_graph(fn, tensors, g) if cuda_graphs else fn, repeats, device, blocks=3))
+        calls.append(capture_cuda_graph(fn, tensors, g) if cuda_graphs else fn)
+    # Blocks of every step interleaved, the best block of each kept: a burst of other work on a shared
+    # machine only adds time, and cannot land on one gamma's measurement alone.
+    costs = [math.inf] * len(calls)
+    for _ in range(5):
+        for i, fn in enumerate(calls):
+            costs[i] = min(costs[i], timed(fn, repeats, device, blocks=1))
     return costs
 
 
@@ -1086,33 +1092,53 @@ class DraftLengthChooser:
 
     alphas: per-depth acceptance estimates (the prior: e.g. the MTP training's teacher-forced acceptance),
     replaced by each call's counted acceptance (an exponential average with weight `smoothing` on the new
-    call) for the depths that call reached. Costs are profiled once per batch shape and kept."""
+    call) for the depths that call reached. Costs are profiled once per batch shape and kept.
+
+    A batch finishes when its slowest row does, so what a round buys the batch is the advance of its
+    critical path, (longest row's tokens - 1) / rounds, which falls short of the mean E(gamma) of Eq. 12 more
+    as the batch grows (the unluckiest of B rows sets the pace). Per batch shape, `efficiency` is the measured
+    ratio of the two drafted parts, (advance - 1) / (E(gamma) - 1); predictions for every gamma use it."""
 
     def __init__(self, max_gamma: int, alphas=None, smoothing: float = 0.5):
         self.max_gamma, self.smoothing = max_gamma, smoothing
         self.alphas = list(alphas) if alphas is not None else [0.8] * max_gamma
+        self.observed = [0] * max_gamma   # measurements folded in, per depth
         self.costs = {}      # (B, P, max_new_tokens, graphs) -> seconds per step for gamma = 0..max_gamma
+        self.efficiency = {}  # same keys -> critical-path advance per round over Eq. 12, drafted part (1 = equal)
         self.chosen = {}     # gamma -> calls
 
-    def expected_tokens(self, gamma: int) -> float:
-        return tokens_per_forward(self.alphas[:gamma])   # Eq. 12
+    def expected_tokens(self, gamma: int, efficiency: float = 1.0) -> float:
+        """Tokens a round advances the batch: Eq. 12, its drafted part scaled by the batch's efficiency."""
+        return 1 + efficiency * (tokens_per_forward(self.alphas[:gamma]) - 1)
 
-    def choose(self, costs) -> int:
+    def choose(self, costs, efficiency: float = 1.0) -> int:
         """argmax_gamma E(gamma) / C(gamma) over gamma = 0..len(costs)-1 (ties: the shorter draft)."""
-        rate = [self.expected_tokens(g) / c for g, c in enumerate(costs)]
+        rate = [self.expected_tokens(g, efficiency) / c for g, c in enumerate(costs)]
         return max(range(len(rate)), key=lambda g: (rate[g], -g))
 
+    def observe_batch(self, shape, gamma: int, longest: int, rounds: int):
+        """Fold in a call's critical-path advance per round (its longest row kept `longest` tokens)."""
+        drafted = tokens_per_forward(self.alphas[:gamma]) - 1
+        if rounds > 0 and drafted > 0:
+            measured = max(0.0, ((longest - 1) / rounds - 1) / drafted)
+            old = self.efficiency.get(shape)
+            self.efficiency[shape] = measured if old is None else old + self.smoothing * (measured - old)
+
     def state(self) -> dict:
-        return dict(alphas=list(self.alphas), costs=dict(self.costs), chosen=dict(self.chosen))
+        return dict(alphas=list(self.alphas), observed=list(self.observed), costs=dict(self.costs),
+                    efficiency=dict(self.efficiency), chosen=dict(self.chosen))
 
     def load(self, state: dict):
-        self.alphas, self.costs, self.chosen = list(state["alphas"]), dict(state["costs"]), dict(state["chosen"])
+        self.alphas, self.observed = list(state["alphas"]), list(state["observed"])
+        self.costs, self.efficiency, self.chosen = dict(state["costs"]), dict(state["efficiency"]), dict(state["chosen"])
 
     def observe(self, stats):
         """Fold a call's counted per-depth acceptance into the estimates (depths it did not reach keep theirs)."""
         for j, (a, r) in enumerate(zip(stats.get("drafts_accepted", []), stats.get("drafts_reached", []))):
-            if r > 0:
-                self.alphas[j] += self.smoothing * (a / r - self.alphas[j])
+            if r > 0:   # the first measurement of a depth replaces its prior, later ones are averaged in
+                weight = self.smoothing if self.observed[j] else 1.0
+                self.alphas[j] += weight * (a / r - self.alphas[j])
+                self.observed[j] += 1
 
 
 DRAFT_CHOOSERS = weakref.WeakKeyDictionary()   # a model's own chooser, for gamma="auto" without one
@@ -1132,7 +1158,7 @@ def adaptive_generate(model: GPT, prompt, max_new_tokens: int, chooser: DraftLen
     shape = (B, P, int(max_new_tokens), graphs)
     if shape not in chooser.costs:
         chooser.costs[shape] = round_costs(model, B, P, int(max_new_tokens), chooser.max_gamma, graphs)
-    gamma = chooser.choose(chooser.costs[shape])
+    gamma = chooser.choose(chooser.costs[shape], chooser.efficiency.get(shape, 1.0))
     chooser.chosen[gamma] = chooser.chosen.get(gamma, 0) + 1
     if gamma == 0:
         kwargs.pop("draft")
@@ -1140,6 +1166,7 @@ def adaptive_generate(model: GPT, prompt, max_new_tokens: int, chooser: DraftLen
         out.stats.update(gamma_rounds={0: out.stats["target_forwards"] - 1})
     else:
         out = speculative_generate(model, prompt, max_new_tokens, gamma=gamma, **kwargs)
+        chooser.observe_batch(shape, gamma, int(out.mask.sum(1).max()), out.stats["rounds"])  # before the alphas move
         chooser.observe(out.stats)
     out.stats.update(gamma=gamma, auto=True)
     return out
@@ -2872,8 +2899,8 @@ def summarize(model, task, tc: TrainConfig, held_out, extra, t_start, out, devic
         gamma=tc.gamma, reward_before=extra["reward_before"], reward_after=reward_after,
         accuracy_before=extra["accuracy_before"], accuracy_after=accuracy_after,
         acceptance=recent_acceptance(recent),
-        accept_length=(sum(m["kept_tokens"] for m in recent) / max(1, sum(m["row_rounds"] for m in recent))
-                       if tc.rollout == "spec" else 1.0),
+        accept_length=(sum(m["kept_tokens"] for m in recent) / sum(m["row_rounds"] for m in recent)
+                       if sum(m["row_rounds"] for m in recent) else 1.0),   # 1.0: plain decoding throughout
         entropy=sum(m["entropy"] for m in recent) / max(1, len(recent)),
         rollout_speedup=spec_tps / ar_tps, rollout_batch=batch.size(0),
         tokens_per_s=dict(plain=ar_tps, speculative=spec_tps),
@@ -2886,8 +2913,9 @@ def summarize(model, task, tc: TrainConfig, held_out, extra, t_start, out, devic
         json.dump(summary, f, indent=2)
     cfg = model.config
     n_recent = len(recent)
+    drafted = summary["acceptance"] and any(a is not None for a in summary["acceptance"])
     alphas = (", ".join("n/a" if a is None else f"{a:.3f}" for a in summary["acceptance"]) + " (n/a: never drafted)"
-              if summary["acceptance"] else "n/a (plain rollouts)")
+              if drafted else "n/a (plain decoding: no drafts)")
     smoke = ("\n  (preset tiny is a smoke test of the code path: the model is too small and the run too short to "
              "learn the task; its reward can fall)" if tc.preset == "tiny" else "")
     chosen = ", ".join(f"gamma {g}: {n} steps" for g, n in sorted(summary["gamma_chosen_in_rl"].items()))

@@ -369,8 +369,14 @@ def test_the_draft_length_rule_on_synthetic_costs():
     assert c.choose([1.0, 1.5, 2.0, 3.0]) == 2
     low = bebop.DraftLengthChooser(3, alphas=[0.1, 0.1, 0.1])   # drafts almost never accepted
     assert low.choose([1.0, 1.1, 1.2, 1.3]) == 0
-    c.observe(dict(drafts_accepted=[10, 0, 0], drafts_reached=[20, 0, 0]))   # only depth 1 observed
-    assert c.alphas == pytest.approx([0.7, 0.9, 0.9])
+    # a large batch whose slowest row sets the pace: half of Eq. 12's drafted part reaches the critical path
+    c.observe_batch("B", 3, longest=1 + 10 * (1 + 0.5 * 2.439), rounds=10)
+    assert c.efficiency["B"] == pytest.approx(0.5)
+    assert c.choose([1.0, 1.5, 2.0, 3.0], c.efficiency["B"]) == 0    # every rate now below plain decoding's
+    c.observe(dict(drafts_accepted=[10, 0, 0], drafts_reached=[20, 0, 0]))   # only depth 1 observed: replaces
+    assert c.alphas == pytest.approx([0.5, 0.9, 0.9])
+    c.observe(dict(drafts_accepted=[15, 8, 0], drafts_reached=[20, 10, 0]))  # then averaged in (weight 0.5)
+    assert c.alphas == pytest.approx([0.625, 0.8, 0.9])
 
 
 def test_a_gamma_zero_round_is_a_plain_step_that_keeps_drafting_resumable(drafted_model):
