@@ -17,14 +17,16 @@ Run it:
 Sections (search for the ruler lines "# ---"):
     1. Config         GPTConfig and the named presets
     2. Model          RMSNorm, rotary attention, static KV cache with per-row positions, GPT, MTP layer
-    3. Losses         CE, KL, reverse KL, per-step TV (Eq. 10/11, memory-lean), end-to-end TV (Eq. 13)
+    3. Losses         CE, KL, reverse KL, per-step TV (Eq. 10/11, memory-lean, fused with the head), e2e TV (Eq. 13)
     4. Sampling       temperature, exponential-race sampling, the exact rejection sampler (RS and TO)
     5. Generation     plain autoregressive and MTP speculative decoding: a prefill, then an in-place step
     6. CUDA graphs    capture/replay of that step over static buffers, applied from outside the algorithm
+    6b. Draft length  gamma="auto": the draft length with the most expected tokens per second, from measured costs
     7. Toy task       "write N digits that sum to S" in a random Markov style, and its reward
-    8. Training       SFT, pre-RL MTP training, GRPO with speculative rollouts; checkpoints, DDP
-    9. Experiments    losses (Table 2), temperature (Fig. 12a), rl (Fig. 6/9a), entropy (Fig. 1a), boundary
-    10. Benchmark     tokens/s, the cost of each piece of a speculative step, GRPO step, TV-loss memory
+    8. Training       SFT, pre-RL MTP training on the policy's own samples, GRPO; checkpoints that never lose work, DDP
+    9. Experiments    losses (Table 2), temperature (Fig. 12a), rl + entropy (Fig. 1a), decomposition (Eq. 16,
+                      Fig. 3), boundary (App. E), all with teacher-forced (noise-free) acceptance
+    10. Benchmark     tokens/s per draft length, the cost of each piece of a round, GRPO step, TV-loss memory
     11. main()        argparse, the summary
 
 Notation follows the paper: p is the target (policy) distribution, q the draft (MTP) distribution,
@@ -1690,7 +1692,10 @@ def is_main_thread():
 @torch.no_grad()
 def evaluate(model: GPT, task: DigitSumTask, prompts, seed: int, gamma: int, cuda_graphs=None,
              temperature: float = 1.0):
-    """Mean reward and exact accuracy on a fixed prompt set, sampling at the RL temperature."""
+    """Mean reward and exact accuracy on a fixed prompt set, sampling at the RL temperature. A fixed draft
+    length, whatever the rollouts use: with "auto" the random stream would follow measured timings, and
+    the same checkpoint would score differently from run to run (the law is the same either way)."""
+    gamma = BENCH_GAMMA if gamma == "auto" else gamma
     idx, S, N = prompts
     was_training = model.training
     model.eval()
