@@ -73,7 +73,7 @@ class GPTConfig:
 # presets are deep and narrow, like the paper's models (dozens of layers, one MTP layer): a draft step
 # costs one block and a verify n_layer blocks, which is what makes drafting cheap next to verifying.
 # Wall time of `python bebop.py --preset NAME`, for --help (2-core CPU; gpu on one H100-class card).
-PRESET_TIMES = dict(tiny="a 20-second smoke test (its reward can fall)", cpu="about 6 minutes on a 2-core CPU",
+PRESET_TIMES = dict(tiny="a 30-second smoke test (its reward can fall)", cpu="about 10 minutes on a 2-core CPU",
                     gpu="minutes on one GPU")
 PRESETS = {
     "tiny": dict(model=dict(n_layer=2, n_head=2, n_embd=32), sft_steps=300, mtp_steps=50, rl_steps=20,
