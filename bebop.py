@@ -2644,8 +2644,8 @@ def run_benchmark(args):
             rows.append(piece)
             print(f"{B:5d} {'on' if graphs else 'off':>6} " + " ".join(f"{speed[g]['tokens_per_s']:7.0f}" for g in gammas)
                   + f" {speed['auto']['chosen']:5d} {speed['auto']['tokens_per_s'] / best:8.2f}x")
-    print(f"  tokens/s of the same held-out prompts; 'chose': the gamma auto picked from its measured round costs "
-          f"(a plain step for 0) and running acceptance; auto/best: auto over the best fixed choice")
+    print("  tokens/s of the same held-out prompts; 'chose': the gamma auto picked from its measured round costs "
+          "(a plain step for 0) and running acceptance; auto/best: auto over the best fixed choice")
     print(f"\npieces of a gamma = {gamma} round")
     print(f"{'batch':>5} {'graphs':>6} {'speedup':>7} {'len':>5} {'t_plain':>8} {'t_verify':>8} {'t_draft':>8} {'t_step':>8} "
           f"{'other':>5} {'ideal':>6} {'ach/ideal':>9} {'ceiling':>7}")

@@ -472,11 +472,12 @@ def test_idle_steps_after_the_batch_ended_change_nothing(drafted_model, lag, mon
         assert torch.equal(out.new_tokens, ref.new_tokens) and torch.equal(out.mask, ref.mask)
         assert torch.equal(out.logprobs, ref.logprobs) and out.stats == ref.stats
 
+
 def hand_count_stats(trace, max_new_tokens, eos, gamma):
     """Acceptance statistics counted by hand from a trace, one row-round at a time in plain Python: walk
     each round's n+1 tokens, stop at the cap and after the end mark, and count what the row keeps."""
     hist, reached, accepted = [0] * (gamma + 1), [0] * gamma, [0] * gamma
-    count, ended = {}, set()
+    count = {}
     for rd in trace:
         for b in range(len(rd["n"])):
             if not rd["active"][b]:
