@@ -2931,7 +2931,7 @@ def summarize(model, task, tc: TrainConfig, held_out, extra, t_start, out, devic
     fixed_slower = at_rl[gamma]["tokens_per_s"] < at_rl[0]["tokens_per_s"]
     why = (f"\n  At batch {batch.size(0)} a fixed gamma = {gamma} is slower than plain decoding here: the verify forward "
            f"of {gamma + 1} tokens per row is\n  compute bound at that batch on this device, so it costs nearly "
-           f"{gamma + 1} plain steps; drafting pays where a forward is latency\n  bound (small batches, a GPU), which "
+           f"{gamma + 1} plain steps; drafting pays where a forward is latency\n  bound (small batches), which "
            f"is what gamma auto measures. `python bebop.py --bench` shows the crossover." if fixed_slower else "")
     print(f"""
 What happened{smoke}
