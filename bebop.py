@@ -14,20 +14,26 @@ Run it:
     python bebop.py --bench                                   # speculative vs plain decoding, measured
     torchrun --standalone --nproc_per_node=2 bebop.py         # data-parallel (gloo on CPU, NCCL on GPUs)
 
-Sections (search for the ruler lines "# ---"):
-    1. Config         GPTConfig and the named presets
-    2. Model          RMSNorm, rotary attention, static KV cache with per-row positions, GPT, MTP layer
-    3. Losses         CE, KL, reverse KL, per-step TV (Eq. 10/11, memory-lean, fused with the head), e2e TV (Eq. 13)
-    4. Sampling       temperature, exponential-race sampling, the exact rejection sampler (RS and TO)
-    5. Generation     plain autoregressive and MTP speculative decoding: a prefill, then an in-place step
-    6. CUDA graphs    capture/replay of that step over static buffers, applied from outside the algorithm
-    6b. Draft length  gamma="auto": the draft length with the most expected tokens per second, from measured costs
-    7. Toy task       "write N digits that sum to S" in a random Markov style, and its reward
-    8. Training       SFT, pre-RL MTP training on the policy's own samples, GRPO; checkpoints that never lose work, DDP
-    9. Experiments    losses (Table 2), temperature (Fig. 12a), rl + entropy (Fig. 1a), decomposition (Eq. 16,
-                      Fig. 3), boundary (App. E), all with teacher-forced (noise-free) acceptance
-    10. Benchmark     tokens/s per draft length, the cost of each piece of a round, GRPO step, TV-loss memory
-    11. main()        argparse, the summary
+The recipe, in data-flow order (search for the ruler lines "# ---"); a reader who stops after section 7
+has read all of it:
+    1. Config          GPTConfig, TrainConfig and the named presets that override it
+    2. Model           RMSNorm, rotary attention, static KV cache with per-row positions, GPT, MTP layer
+    3. Losses          CE, KL, reverse KL, per-step TV (Eq. 10/11, memory-lean, fused with the head), e2e TV (Eq. 13)
+    4. Sampling        the temperature law, exponential-race sampling, the exact rejection sampler (RS and TO)
+    5. Generation      plain and MTP speculative decoding: a prefill, then a step repeated until done;
+                       a speculative round is draft -> verify -> accept -> emit and advance
+    6. Toy task        "write N digits that sum to S" in a random Markov style, its reward, the MTP chain layout
+    7. RL algorithm    SFT loss, MTP training loss, group advantages, the GRPO loss, one grpo_step
+The harness that runs it (speed, persistence, scale, measurement):
+    8. CUDA graphs     capture/replay of a decoding step over static buffers, handed in by its owner
+    9. Draft length    gamma="auto": the draft length with the most expected tokens per second, from measured costs
+    10. Data parallel  torchrun ranks: gradient averaging and reduced metrics, no branches in the algorithm
+    11. Checkpoints    runs that never lose work; resume refuses other settings
+    12. Training       the SFT, MTP and GRPO stages with progress bars and checkpoints
+    13. Experiments    losses (Table 2), temperature (Fig. 12a), rl + entropy (Fig. 1a), decomposition (Eq. 16,
+                       Fig. 3), boundary (App. E), all with teacher-forced (noise-free) acceptance
+    14. Benchmark      tokens/s per draft length, the cost of each piece of a round, GRPO step, TV-loss memory
+    15. main()         argparse derived from TrainConfig, the summary
 
 Notation follows the paper: p is the target (policy) distribution, q the draft (MTP) distribution,
 gamma the number of drafted tokens per round, alpha the acceptance rate, d_TV the total variation.
@@ -69,12 +75,49 @@ class GPTConfig:
     mtp_train_steps: int = 5    # K recursive MTP steps trained before RL (paper: 5); drafting uses gamma <= K
 
 
+@dataclass
+class TrainConfig:
+    preset: str = "cpu"
+    seed: int = 1337
+    task_seed: int = 1234        # fixes the house style of the toy task
+    sft_steps: int = 1000
+    sft_lr: float = 3e-3
+    batch_size: int = 64
+    mtp_steps: int = 200
+    mtp_lr: float = 3e-3
+    mtp_loss: str = "e2e_tv"     # the paper's headline objective (Eq. 13)
+    mtp_data: str = "policy"     # "policy": the frozen policy's own samples (paper's RFT data); "sft": SFT data
+    mtp_ce_warmup: float = 0.5   # first fraction of MTP steps on CE: real MTP heads come CE-pretrained,
+                                 # and TV alone cannot learn a token the head gives no mass (grad ~ q)
+    rl_steps: int = 100
+    rl_lr: float = 2e-4
+    rl_prompts: int = 8          # prompts per GRPO step; each gets group_size samples
+    group_size: int = 16
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0    # + rewards policy entropy, - penalises it; 0 is the recipe (moves H on purpose)
+    temperature: float = 1.0     # sampling temperature of the rollouts; the trainer's log-probs use the same
+    gamma: object = "auto"       # drafted tokens per round at rollout time: 1..K, or "auto" (chosen per call
+                                 # from measured costs and running acceptance); the paper uses 3
+    rollout: str = "spec"        # "spec" (MTP speculative, RS) or "ar" (plain)
+    draft: str = "sample"        # "sample" = rejection sampling (RS), "greedy" = target-only (TO)
+    mtp_online: str = "none"     # "none" keeps the MTP layer frozen in RL (the paper's recipe)
+    mtp_online_lr: float = 3e-4
+    grad_clip: float = 1.0
+    eval_prompts: int = 256      # held-out prompts, fixed by task_seed
+    ckpt_every: int = 50
+    precision: str = "fp32"      # "bf16" (default on CUDA): autocast in training, bf16 weights for rollouts
+    cuda_graphs: bool = True     # replay the decoding step as a CUDA graph where that works (CUDA)
+
+
 # Named presets. "tiny" is for tests, "cpu" is the default on a laptop, "gpu" is picked on CUDA. Both real
 # presets are deep and narrow, like the paper's models (dozens of layers, one MTP layer): a draft step
 # costs one block and a verify n_layer blocks, which is what makes drafting cheap next to verifying.
 # Wall time of `python bebop.py --preset NAME`, for --help (2-core CPU; gpu on one H100-class card).
 PRESET_TIMES = dict(tiny="a 30-second smoke test (its reward can fall)", cpu="about 10 minutes on a 2-core CPU",
                     gpu="minutes on one GPU")
+
+
 PRESETS = {
     "tiny": dict(model=dict(n_layer=2, n_head=2, n_embd=32), sft_steps=300, mtp_steps=50, rl_steps=20,
                  batch_size=32, rl_prompts=8, group_size=8, rl_lr=3e-4),
@@ -83,6 +126,13 @@ PRESETS = {
     "gpu": dict(model=dict(n_layer=24, n_head=8, n_embd=512), sft_steps=3000, mtp_steps=1000, rl_steps=200,
                 batch_size=128, rl_prompts=32, group_size=16, sft_lr=1e-3, mtp_lr=1e-3, rl_lr=1e-4),
 }
+
+
+def build_config(train: TrainConfig, task: "DigitSumTask") -> GPTConfig:
+    """The model config of a preset, sized so prompt + answer + the speculative lookahead fit."""
+    cfg = GPTConfig(**PRESETS[train.preset]["model"])
+    cfg.block_size = max(cfg.block_size, task.seq_len + cfg.mtp_train_steps)
+    return cfg
 
 # ---------------------------------------------------------------------------------------------------
 # 2. Model
@@ -334,7 +384,6 @@ def mtp_step(model: GPT, caches: Caches, g, tokens, pos):
     """Cached MTP forward: inputs (g (B, T, C), tokens (B, T)) written at positions pos (B, T)."""
     return model.mtp(g, model.wte(tokens), model.rope(pos), cache_mask(pos, caches.S), caches.mtp.writer(pos))
 
-
 # ---------------------------------------------------------------------------------------------------
 # 3. Losses for the MTP layer. The target p (the backbone's own distribution) is always detached.
 
@@ -464,7 +513,6 @@ def mtp_loss(kind: str, draft, target_logits, labels, mask, head_weight=None):
                 per = (draft_logq.exp() * (draft_logq - target_logp)).sum(-1)
     return (per * mask).sum() / mask.sum().clamp(min=1)
 
-
 # ---------------------------------------------------------------------------------------------------
 # 4. Sampling. Everything here runs on the device without a host sync, so it can be graph-captured.
 
@@ -553,11 +601,10 @@ def check_distributions(probs, name: str, atol: float = 1e-3):
                          f"sum {probs[row].sum().item():.4g}, min {probs[row].min().item():.4g}; pass probabilities, "
                          f"not logits")
 
-
 # ---------------------------------------------------------------------------------------------------
 # 5. Generation. Plain and speculative decoding have one shape: a prefill, then a step function that
 # updates a fixed set of tensors in place (no host sync, no data-dependent branch), repeated until every
-# row is done. That shape is all section 6 needs to replay a step as a CUDA graph without changing it.
+# row is done (`decode`). That shape is all section 8 needs to replay a step as a CUDA graph unchanged.
 
 
 @dataclass
@@ -929,14 +976,216 @@ def speculative_generate(model: GPT, prompt, max_new_tokens: int, *, gamma=3, te
     return finish(idx, lengths, ragged, s.tokens[:, :max_new_tokens].clone(), s.logprobs[:, :max_new_tokens].clone(),
                   eos, stats)
 
+# ---------------------------------------------------------------------------------------------------
+# 6. Toy task: "write N digits that sum to S", in a house style.
+#
+# Why this task: the reward is verifiable and exact; every prompt has many correct answers, so the
+# policy keeps real entropy; answers are 16-32 digits plus an end mark, so rollouts dominate a step;
+# and hitting the sum exactly needs a running total that a small model learns only roughly from SFT,
+# leaving room for GRPO. The SFT answers follow a random order-2 Markov "style" (Dirichlet(0.25) rows),
+# so the policy's next-digit distributions are peaked in some contexts and spread in others, as in
+# language. Uniform digits would be trivially easy to draft and would hide every effect in the paper.
+
+
+VOCAB = "0123456789SN=."   # digits are their own ids; "." ends the answer
+
+
+EOS = VOCAB.index(".")
+
+
+PROMPT_LEN = 8             # "S" + 3 digits + "N" + 2 digits + "=", e.g. "S087N19="
+
+
+def encode(text: str):
+    return torch.tensor([VOCAB.index(c) for c in text], dtype=torch.long)
+
+
+def decode(tokens) -> str:
+    return "".join(VOCAB[int(t)] for t in tokens)
+
+
+class DigitSumTask:
+    def __init__(self, seed: int = 1234, n_min: int = 16, n_max: int = 32, concentration: float = 0.25):
+        self.n_min, self.n_max = n_min, n_max
+        g = torch.Generator().manual_seed(seed)
+        # style[a, b] = law of the next digit after digits a, b (10 = "no digit yet"): Dirichlet rows
+        gam = torch._standard_gamma(torch.full((11, 11, 10), concentration), generator=g)
+        self.style = gam / gam.sum(-1, keepdim=True)
+        self.max_new_tokens = n_max + 1          # the digits and the end mark
+        self.seq_len = PROMPT_LEN + n_max + 1
+
+    def sample_answers(self, B: int, generator):
+        """(digits (B, n_max), N (B,), S (B,)) drawn from the style; digits past N are padding."""
+        N = torch.randint(self.n_min, self.n_max + 1, (B,), generator=generator)
+        digits = torch.zeros(B, self.n_max, dtype=torch.long)
+        a = b = torch.full((B,), 10)
+        for i in range(self.n_max):  # a loop over positions, never over rows
+            digits[:, i] = torch.multinomial(self.style[a, b], 1, generator=generator)[:, 0]
+            a, b = b, digits[:, i]
+        digits = digits * (torch.arange(self.n_max) < N[:, None])
+        return digits, N, digits.sum(1)
+
+    @staticmethod
+    def prompt_tokens(S, N):
+        """(B, PROMPT_LEN) tokens of "S{S:03d}N{N:02d}=" without going through strings."""
+        B = S.size(0)
+        col = lambda v: torch.full((B,), VOCAB.index(v))
+        return torch.stack([col("S"), S // 100, S // 10 % 10, S % 10, col("N"), N // 10, N % 10, col("=")], 1)
+
+    def prompts(self, B: int, generator):
+        """Prompts whose targets are reachable in the house style: (idx (B, 8), S, N)."""
+        _, N, S = self.sample_answers(B, generator)
+        return self.prompt_tokens(S, N), S, N
+
+    def sft_batch(self, B: int, generator):
+        """Teacher-forcing sequences (B, seq_len) [prompt, N digits, ".", padding] and their lengths."""
+        digits, N, S = self.sample_answers(B, generator)
+        answer = torch.cat([digits, torch.full((B, 1), EOS)], 1)
+        answer.scatter_(1, N[:, None], EOS)                       # "." right after the N-th digit
+        seq = torch.cat([self.prompt_tokens(S, N), answer], 1)
+        lengths = PROMPT_LEN + N + 1
+        seq = torch.where(torch.arange(self.seq_len) < lengths[:, None], seq, EOS)
+        return seq, lengths
+
+    @staticmethod
+    def reward(new_tokens, S, N):
+        """Reward in [0, 1] and exact-correctness of answers (B, T) for targets S, N (B,).
+
+        Well-formed = digits then ".". Then half a point for the right count and up to half a point for
+        the sum, falling linearly to 0 at 10 away from S; 1.0 exactly when count and sum are both right."""
+        T = new_tokens.size(1)
+        is_end = new_tokens == EOS
+        length = torch.where(is_end.any(1), is_end.float().argmax(1), T)
+        before = torch.arange(T, device=new_tokens.device) < length[:, None]
+        well_formed = is_end.any(1) & ((new_tokens < 10) | ~before).all(1)
+        total = torch.where(before, new_tokens, 0).sum(1)
+        S, N = S.to(new_tokens.device), N.to(new_tokens.device)
+        right_len, right_sum = length == N, total == S
+        closeness = (1 - (total - S).abs().float() / 10).clamp(min=0)
+        r = well_formed.float() * (0.5 * right_len.float() + 0.5 * closeness)
+        return r, well_formed & right_len & right_sum
+
+
+def answer_mask(lengths, T: int, answer_start: int, device=None):
+    """Positions (of T inputs) whose next token is part of the answer: answer_start-1 .. length-2, where
+    the answer starts at position answer_start and sequence b has lengths[b] tokens."""
+    t = torch.arange(T, device=device)
+    return (t >= answer_start - 1) & (t <= lengths[:, None] - 2)
+
+
+def mtp_chain_targets(seq, lengths, target_logits, draft_logits, answer_start: int):
+    """Lay out teacher-forced chains for the MTP losses: one chain per anchor t >= answer_start-1 (the
+    answers start at position answer_start; sequence b has lengths[b] tokens).
+
+    draft_logits (B, K, T, ...) may be logits or hidden states. Returns (draft (N, K, ...), target logits
+    (N, K, V), labels (N, K), mask (N, K)). Step k of
+    anchor t targets the backbone's row at position t+k (its own next-token law, detached) and the data
+    token x_{t+k+1}; a step whose target lies past the answer's end is masked (a prefix per chain)."""
+    B, K, T = draft_logits.shape[:3]
+    t = torch.arange(T, device=seq.device)
+    k = torch.arange(1, K + 1, device=seq.device)
+    tgt = (t[None, :] + k[:, None]).clamp(max=T - 1)                        # (K, T)
+    targets = target_logits[:, tgt]                                         # (B, K, T, V)
+    labels = F.pad(seq, (0, 1))[:, (tgt + 1).clamp(max=T)]                  # (B, K, T)
+    mask = (t >= answer_start - 1)[None, None, :] & (t[None, None, :] + k[None, :, None] <= lengths[:, None, None] - 2)
+    chain = lambda x: x.transpose(1, 2).flatten(0, 1)                       # (B, K, T, ...) -> (B*T, K, ...)
+    keep = mask[:, 0].flatten()                                             # anchors with at least one step
+    return chain(draft_logits)[keep], chain(targets)[keep], chain(labels)[keep], chain(mask)[keep]
 
 # ---------------------------------------------------------------------------------------------------
-# 6. CUDA graphs. A decoding step launches hundreds of small kernels; at small batch the GPU waits on
+# 7. The RL algorithm: the SFT loss, the pre-RL MTP training loss (backbone frozen), and GRPO whose
+# rollouts come from exact speculative decoding. grpo_step is one whole step, to read or copy.
+
+
+def backbone_parameters(model: GPT):
+    return [p for n, p in model.named_parameters() if not n.startswith("mtp.")]
+
+
+def sft_loss(model: GPT, seq, lengths):
+    """Next-token cross-entropy on the answer tokens only (digits and the end mark)."""
+    logits = model(seq[:, :-1])
+    mask = answer_mask(lengths, seq.size(1) - 1, PROMPT_LEN, seq.device)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), seq[:, 1:].flatten(), reduction="none").view(mask.shape)
+    return (ce * mask).sum() / mask.sum()
+
+
+def mtp_training_loss(model: GPT, kind: str, seq, lengths, n_steps: int, backbone=None):
+    """MTP loss teacher-forced on sequences; the backbone is frozen (no gradient reaches it). backbone:
+    model.backbone_outputs(seq) if already computed (heads trained on one fixed set can share it)."""
+    target_logits, x = model.mtp_features(seq, n_steps, backbone)
+    draft, target, labels, mask = mtp_chain_targets(seq, lengths, target_logits, x, PROMPT_LEN)
+    # The shared head is applied inside the loss (the TV losses fuse it, never holding all the logits);
+    # detached, so that the MTP loss reaches only the MTP weights.
+    return mtp_loss(kind, draft, target, labels, mask, head_weight=model.lm_head.weight.detach())
+
+
+def group_advantages(rewards, group_size: int, eps: float = 1e-6):
+    """GRPO: (R - mean_G) / (std_G + eps) within each group of G samples of one prompt.
+    A group whose samples all scored the same has advantage 0: it teaches nothing, by design."""
+    R = rewards.view(-1, group_size)
+    return ((R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + eps)).flatten()
+
+
+def grpo_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2, kl_coef: float = 0.0, ref_logp=None,
+              entropy_coef: float = 0.0, entropy=None):
+    """Clipped-ratio surrogate (Eq. 3), averaged per token within a sample, then over samples.
+
+    logp (B, T) from the trainer's forward; old_logp (B, T) straight from the rollout (no extra
+    forward); optional k3 estimate of KL(pi || pi_ref) to a frozen reference; optional entropy bonus
+    entropy_coef * H(pi) per token (entropy (B, T) with gradient; negative coef pushes entropy down)."""
+    # With one update per batch of rollouts and fp32 rollout weights, the ratio starts at 1 up to float
+    # rounding (exact sampling: the rollout's log-probs are the policy's), so the gradient is A * grad log p.
+    # With bf16 rollout weights (or bf16 autocast in the trainer) the two forwards round differently and
+    # the ratio starts near 1, not at it: the clip then also bounds that precision mismatch.
+    ratio = torch.exp(logp - old_logp)
+    A = advantages[:, None]
+    surrogate = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
+    per_token = -surrogate
+    if kl_coef > 0:
+        log_r = ref_logp - logp
+        per_token = per_token + kl_coef * (torch.exp(log_r) - log_r - 1)
+    if entropy_coef != 0:
+        per_token = per_token - entropy_coef * entropy
+    mask = mask.float()
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def policy_logprobs(model: GPT, tokens, prompt_len: int, temperature: float = 1.0):
+    """Trainer-side log p and entropy of every generated token at the sampling temperature, the law the
+    rollouts were drawn from: (logp (B, T_new), entropy (B, T_new))."""
+    logits = model(tokens[:, :-1])[:, prompt_len - 1:].float() / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, tokens[:, prompt_len:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def rollout(model: GPT, tc: TrainConfig, idx, max_new_tokens: int, generator, chooser=None):
+    """The policy's samples for RL: MTP speculative decoding (exact, so on-policy) or plain decoding.
+    With gamma "auto" the caller's chooser keeps the costs and acceptance from step to step."""
+    model.eval()
+    graphs = graph_mode(tc)
+    if tc.rollout == "spec":
+        return speculative_generate(model, idx, max_new_tokens, gamma=tc.gamma, draft=tc.draft, temperature=tc.temperature,
+                                    generator=generator, eos=EOS, cuda_graphs=graphs, chooser=chooser)
+    return generate(model, idx, max_new_tokens, temperature=tc.temperature, generator=generator, eos=EOS,
+                    cuda_graphs=graphs)
+
+# ===================================================================================================
+# The harness. Everything above is the recipe; everything below runs it: speed switched on from outside
+# (CUDA graphs, the adaptive draft length), checkpoints, data parallelism, the training stages with their
+# progress bars, the experiments, the benchmark and main().
+# ===================================================================================================
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. CUDA graphs. A decoding step launches hundreds of small kernels; at small batch the GPU waits on
 # the CPU launching them. Capturing the whole step once and replaying it turns that into one launch.
-# This section is applied from outside the algorithm: decoding_loop() hands the same step functions to a
-# StaticDecoder, which keeps their caches and state at fixed addresses between calls (one per batch
-# shape, "KV caches allocated once") and replays the captured step. Sampling stays exact: the random
-# numbers come from a generator registered with the graph, so every replay draws fresh ones.
+# Switched on from outside the algorithm: whoever decodes repeatedly (the RL loop, the benchmark) owns a
+# CudaGraphs and hands it to generate / speculative_generate, which hand it the same prefill and step
+# they run eagerly. It keeps caches and state at fixed addresses per batch shape ("KV caches allocated
+# once"), replays the captured step, and reads the done flag one step late so the GPU never waits for
+# the host. Sampling stays exact: the random numbers come from a generator registered with the graph.
 
 
 def cuda_graphs_supported(device) -> bool:
@@ -1031,6 +1280,8 @@ class StaticDecoder:
 # Static decoders live as long as their model (weakly keyed), are dropped when its weights move, and at
 # most MAX_STATIC_DECODERS are kept per model (each holds a full set of caches): the oldest goes first.
 STATIC_DECODERS = weakref.WeakKeyDictionary()
+
+
 MAX_STATIC_DECODERS = 8
 
 
@@ -1047,9 +1298,8 @@ def static_decoder(model: GPT, key, B: int, S: int) -> StaticDecoder:
         decoders[key] = StaticDecoder(model, B, S)
     return decoders[key]
 
-
 # ---------------------------------------------------------------------------------------------------
-# 6b. Adaptive draft length: speculation that never loses. Whether drafting pays depends on the batch size,
+# 9. Adaptive draft length: speculation that never loses. Whether drafting pays depends on the batch size,
 # the device and the acceptance: at a batch where the verify forward is compute bound, checking gamma+1
 # tokens costs nearly gamma+1 plain steps. gamma="auto" picks, once per call, the draft length with the most
 # expected tokens per second, E(gamma) / C(B, gamma): E from Eq. 12 with running per-depth acceptance, C the
@@ -1173,280 +1423,8 @@ def adaptive_generate(model: GPT, prompt, max_new_tokens: int, chooser: DraftLen
     out.stats.update(gamma=gamma, auto=True)
     return out
 
-
 # ---------------------------------------------------------------------------------------------------
-# 7. Toy task: "write N digits that sum to S", in a house style.
-#
-# Why this task: the reward is verifiable and exact; every prompt has many correct answers, so the
-# policy keeps real entropy; answers are 16-32 digits plus an end mark, so rollouts dominate a step;
-# and hitting the sum exactly needs a running total that a small model learns only roughly from SFT,
-# leaving room for GRPO. The SFT answers follow a random order-2 Markov "style" (Dirichlet(0.25) rows),
-# so the policy's next-digit distributions are peaked in some contexts and spread in others, as in
-# language. Uniform digits would be trivially easy to draft and would hide every effect in the paper.
-
-VOCAB = "0123456789SN=."   # digits are their own ids; "." ends the answer
-EOS = VOCAB.index(".")
-PROMPT_LEN = 8             # "S" + 3 digits + "N" + 2 digits + "=", e.g. "S087N19="
-
-
-def encode(text: str):
-    return torch.tensor([VOCAB.index(c) for c in text], dtype=torch.long)
-
-
-def decode(tokens) -> str:
-    return "".join(VOCAB[int(t)] for t in tokens)
-
-
-class DigitSumTask:
-    def __init__(self, seed: int = 1234, n_min: int = 16, n_max: int = 32, concentration: float = 0.25):
-        self.n_min, self.n_max = n_min, n_max
-        g = torch.Generator().manual_seed(seed)
-        # style[a, b] = law of the next digit after digits a, b (10 = "no digit yet"): Dirichlet rows
-        gam = torch._standard_gamma(torch.full((11, 11, 10), concentration), generator=g)
-        self.style = gam / gam.sum(-1, keepdim=True)
-        self.max_new_tokens = n_max + 1          # the digits and the end mark
-        self.seq_len = PROMPT_LEN + n_max + 1
-
-    def sample_answers(self, B: int, generator):
-        """(digits (B, n_max), N (B,), S (B,)) drawn from the style; digits past N are padding."""
-        N = torch.randint(self.n_min, self.n_max + 1, (B,), generator=generator)
-        digits = torch.zeros(B, self.n_max, dtype=torch.long)
-        a = b = torch.full((B,), 10)
-        for i in range(self.n_max):  # a loop over positions, never over rows
-            digits[:, i] = torch.multinomial(self.style[a, b], 1, generator=generator)[:, 0]
-            a, b = b, digits[:, i]
-        digits = digits * (torch.arange(self.n_max) < N[:, None])
-        return digits, N, digits.sum(1)
-
-    @staticmethod
-    def prompt_tokens(S, N):
-        """(B, PROMPT_LEN) tokens of "S{S:03d}N{N:02d}=" without going through strings."""
-        B = S.size(0)
-        col = lambda v: torch.full((B,), VOCAB.index(v))
-        return torch.stack([col("S"), S // 100, S // 10 % 10, S % 10, col("N"), N // 10, N % 10, col("=")], 1)
-
-    def prompts(self, B: int, generator):
-        """Prompts whose targets are reachable in the house style: (idx (B, 8), S, N)."""
-        _, N, S = self.sample_answers(B, generator)
-        return self.prompt_tokens(S, N), S, N
-
-    def sft_batch(self, B: int, generator):
-        """Teacher-forcing sequences (B, seq_len) [prompt, N digits, ".", padding] and their lengths."""
-        digits, N, S = self.sample_answers(B, generator)
-        answer = torch.cat([digits, torch.full((B, 1), EOS)], 1)
-        answer.scatter_(1, N[:, None], EOS)                       # "." right after the N-th digit
-        seq = torch.cat([self.prompt_tokens(S, N), answer], 1)
-        lengths = PROMPT_LEN + N + 1
-        seq = torch.where(torch.arange(self.seq_len) < lengths[:, None], seq, EOS)
-        return seq, lengths
-
-    @staticmethod
-    def reward(new_tokens, S, N):
-        """Reward in [0, 1] and exact-correctness of answers (B, T) for targets S, N (B,).
-
-        Well-formed = digits then ".". Then half a point for the right count and up to half a point for
-        the sum, falling linearly to 0 at 10 away from S; 1.0 exactly when count and sum are both right."""
-        T = new_tokens.size(1)
-        is_end = new_tokens == EOS
-        length = torch.where(is_end.any(1), is_end.float().argmax(1), T)
-        before = torch.arange(T, device=new_tokens.device) < length[:, None]
-        well_formed = is_end.any(1) & ((new_tokens < 10) | ~before).all(1)
-        total = torch.where(before, new_tokens, 0).sum(1)
-        S, N = S.to(new_tokens.device), N.to(new_tokens.device)
-        right_len, right_sum = length == N, total == S
-        closeness = (1 - (total - S).abs().float() / 10).clamp(min=0)
-        r = well_formed.float() * (0.5 * right_len.float() + 0.5 * closeness)
-        return r, well_formed & right_len & right_sum
-
-
-def answer_mask(lengths, T: int, answer_start: int, device=None):
-    """Positions (of T inputs) whose next token is part of the answer: answer_start-1 .. length-2, where
-    the answer starts at position answer_start and sequence b has lengths[b] tokens."""
-    t = torch.arange(T, device=device)
-    return (t >= answer_start - 1) & (t <= lengths[:, None] - 2)
-
-
-def mtp_chain_targets(seq, lengths, target_logits, draft_logits, answer_start: int):
-    """Lay out teacher-forced chains for the MTP losses: one chain per anchor t >= answer_start-1 (the
-    answers start at position answer_start; sequence b has lengths[b] tokens).
-
-    draft_logits (B, K, T, ...) may be logits or hidden states. Returns (draft (N, K, ...), target logits
-    (N, K, V), labels (N, K), mask (N, K)). Step k of
-    anchor t targets the backbone's row at position t+k (its own next-token law, detached) and the data
-    token x_{t+k+1}; a step whose target lies past the answer's end is masked (a prefix per chain)."""
-    B, K, T = draft_logits.shape[:3]
-    t = torch.arange(T, device=seq.device)
-    k = torch.arange(1, K + 1, device=seq.device)
-    tgt = (t[None, :] + k[:, None]).clamp(max=T - 1)                        # (K, T)
-    targets = target_logits[:, tgt]                                         # (B, K, T, V)
-    labels = F.pad(seq, (0, 1))[:, (tgt + 1).clamp(max=T)]                  # (B, K, T)
-    mask = (t >= answer_start - 1)[None, None, :] & (t[None, None, :] + k[None, :, None] <= lengths[:, None, None] - 2)
-    chain = lambda x: x.transpose(1, 2).flatten(0, 1)                       # (B, K, T, ...) -> (B*T, K, ...)
-    keep = mask[:, 0].flatten()                                             # anchors with at least one step
-    return chain(draft_logits)[keep], chain(targets)[keep], chain(labels)[keep], chain(mask)[keep]
-
-
-# ---------------------------------------------------------------------------------------------------
-# 8. Training: SFT of the backbone, pre-RL MTP training (backbone frozen), GRPO with speculative rollouts.
-
-
-def lr_at(step: int, total: int, base: float, warmup: int):
-    """Linear warmup, then cosine decay to 10% of the base rate."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-def backbone_parameters(model: GPT):
-    return [p for n, p in model.named_parameters() if not n.startswith("mtp.")]
-
-
-def sft_loss(model: GPT, seq, lengths):
-    """Next-token cross-entropy on the answer tokens only (digits and the end mark)."""
-    logits = model(seq[:, :-1])
-    mask = answer_mask(lengths, seq.size(1) - 1, PROMPT_LEN, seq.device)
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), seq[:, 1:].flatten(), reduction="none").view(mask.shape)
-    return (ce * mask).sum() / mask.sum()
-
-
-def mtp_training_loss(model: GPT, kind: str, seq, lengths, n_steps: int, backbone=None):
-    """MTP loss teacher-forced on sequences; the backbone is frozen (no gradient reaches it). backbone:
-    model.backbone_outputs(seq) if already computed (heads trained on one fixed set can share it)."""
-    target_logits, x = model.mtp_features(seq, n_steps, backbone)
-    draft, target, labels, mask = mtp_chain_targets(seq, lengths, target_logits, x, PROMPT_LEN)
-    # The shared head is applied inside the loss (the TV losses fuse it, never holding all the logits);
-    # detached, so that the MTP loss reaches only the MTP weights.
-    return mtp_loss(kind, draft, target, labels, mask, head_weight=model.lm_head.weight.detach())
-
-
-def group_advantages(rewards, group_size: int, eps: float = 1e-6):
-    """GRPO: (R - mean_G) / (std_G + eps) within each group of G samples of one prompt.
-    A group whose samples all scored the same has advantage 0: it teaches nothing, by design."""
-    R = rewards.view(-1, group_size)
-    return ((R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + eps)).flatten()
-
-
-def grpo_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2, kl_coef: float = 0.0, ref_logp=None,
-              entropy_coef: float = 0.0, entropy=None):
-    """Clipped-ratio surrogate (Eq. 3), averaged per token within a sample, then over samples.
-
-    logp (B, T) from the trainer's forward; old_logp (B, T) straight from the rollout (no extra
-    forward); optional k3 estimate of KL(pi || pi_ref) to a frozen reference; optional entropy bonus
-    entropy_coef * H(pi) per token (entropy (B, T) with gradient; negative coef pushes entropy down)."""
-    # With one update per batch of rollouts and fp32 rollout weights, the ratio starts at 1 up to float
-    # rounding (exact sampling: the rollout's log-probs are the policy's), so the gradient is A * grad log p.
-    # With bf16 rollout weights (or bf16 autocast in the trainer) the two forwards round differently and
-    # the ratio starts near 1, not at it: the clip then also bounds that precision mismatch.
-    ratio = torch.exp(logp - old_logp)
-    A = advantages[:, None]
-    surrogate = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
-    per_token = -surrogate
-    if kl_coef > 0:
-        log_r = ref_logp - logp
-        per_token = per_token + kl_coef * (torch.exp(log_r) - log_r - 1)
-    if entropy_coef != 0:
-        per_token = per_token - entropy_coef * entropy
-    mask = mask.float()
-    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-
-
-def graph_mode(tc: "TrainConfig"):
-    """The generators' cuda_graphs argument: None uses graphs where they work, False never."""
-    return None if tc.cuda_graphs else False
-
-
-def autocast(tc: "TrainConfig", device):
-    """bf16 autocast around the training forwards (weights, optimizer and loss math stay float32)."""
-    if tc.precision == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def rollout_weights(model: GPT, precision: str) -> GPT:
-    """The model that rollouts run on: `model` itself in fp32; in bf16 a copy with bf16 parameters (the
-    rotary tables stay float32), refreshed in place before every rollout, the way an RL system syncs the
-    trainer's weights into its inference engine. Not autocast: that re-casts every float32 weight on every
-    forward (a CUDA graph cannot keep autocast's cast cache), while bf16 weights read half the bytes."""
-    if precision == "fp32":
-        return model
-    copy = deepcopy(model).eval()
-    for p in copy.parameters():
-        p.requires_grad_(False)
-        p.grad = None
-        p.data = p.data.to(torch.bfloat16)
-    return copy
-
-
-@torch.no_grad()
-def refresh_rollout_weights(rollout_model: GPT, model: GPT):
-    """Copy the trainer's weights into the rollout copy in place (addresses fixed: graphs stay valid)."""
-    if rollout_model is not model:
-        for dst, src in zip(rollout_model.parameters(), model.parameters()):
-            dst.copy_(src)
-
-
-def policy_logprobs(model: GPT, tokens, prompt_len: int, temperature: float = 1.0):
-    """Trainer-side log p and entropy of every generated token at the sampling temperature, the law the
-    rollouts were drawn from: (logp (B, T_new), entropy (B, T_new))."""
-    logits = model(tokens[:, :-1])[:, prompt_len - 1:].float() / temperature
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, tokens[:, prompt_len:, None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
-
-
-@dataclass
-class TrainConfig:
-    preset: str = "cpu"
-    seed: int = 1337
-    task_seed: int = 1234        # fixes the house style of the toy task
-    sft_steps: int = 1000
-    sft_lr: float = 3e-3
-    batch_size: int = 64
-    mtp_steps: int = 200
-    mtp_lr: float = 3e-3
-    mtp_loss: str = "e2e_tv"     # the paper's headline objective (Eq. 13)
-    mtp_data: str = "policy"     # "policy": the frozen policy's own samples (paper's RFT data); "sft": SFT data
-    mtp_ce_warmup: float = 0.5   # first fraction of MTP steps on CE: real MTP heads come CE-pretrained,
-                                 # and TV alone cannot learn a token the head gives no mass (grad ~ q)
-    rl_steps: int = 100
-    rl_lr: float = 2e-4
-    rl_prompts: int = 8          # prompts per GRPO step; each gets group_size samples
-    group_size: int = 16
-    clip_eps: float = 0.2
-    kl_coef: float = 0.0
-    entropy_coef: float = 0.0    # + rewards policy entropy, - penalises it; 0 is the recipe (moves H on purpose)
-    temperature: float = 1.0     # sampling temperature of the rollouts; the trainer's log-probs use the same
-    gamma: object = "auto"       # drafted tokens per round at rollout time: 1..K, or "auto" (chosen per call
-                                 # from measured costs and running acceptance); the paper uses 3
-    rollout: str = "spec"        # "spec" (MTP speculative, RS) or "ar" (plain)
-    draft: str = "sample"        # "sample" = rejection sampling (RS), "greedy" = target-only (TO)
-    mtp_online: str = "none"     # "none" keeps the MTP layer frozen in RL (the paper's recipe)
-    mtp_online_lr: float = 3e-4
-    grad_clip: float = 1.0
-    eval_prompts: int = 256      # held-out prompts, fixed by task_seed
-    ckpt_every: int = 50
-    precision: str = "fp32"      # "bf16" (default on CUDA): autocast in training, bf16 weights for rollouts
-    cuda_graphs: bool = True     # replay the decoding step as a CUDA graph where that works (CUDA)
-
-
-def build_config(train: TrainConfig, task: "DigitSumTask") -> GPTConfig:
-    """The model config of a preset, sized so prompt + answer + the speculative lookahead fit."""
-    cfg = GPTConfig(**PRESETS[train.preset]["model"])
-    cfg.block_size = max(cfg.block_size, task.seq_len + cfg.mtp_train_steps)
-    return cfg
-
-
-def atomic_save(obj, path: str):
-    """Write a checkpoint to a temporary file, then rename: a crash never leaves half a file, and the
-    last good checkpoint stays in place until the new one is complete."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-# Data-parallel training without branches in the algorithm (nanoGPT's pattern): under torchrun each rank
+# 10. Data parallelism without branches in the algorithm (nanoGPT's pattern): under torchrun each rank
 # draws its own share of the data and rollouts, gradients are averaged, logged numbers are reduced, and
 # rank 0 alone prints and writes. Without RANK in the environment the same names take trivial values.
 
@@ -1507,6 +1485,17 @@ def gather_objects(obj, world: Dist):
     dist.all_gather_object(out, obj)
     return out
 
+# ---------------------------------------------------------------------------------------------------
+# 11. Checkpoints and resume: a run never loses work, and resumes only what it can continue exactly.
+
+
+def atomic_save(obj, path: str):
+    """Write a checkpoint to a temporary file, then rename: a crash never leaves half a file, and the
+    last good checkpoint stays in place until the new one is complete."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
 
 class RunError(ValueError):
     """A run that cannot start or go on as asked: bebop says why in one line and exits."""
@@ -1517,6 +1506,8 @@ class CheckpointError(RunError):
 
 
 STAGES = ("sft", "mtp", "grpo")
+
+
 # The settings each stage's result depends on (a stage depends on the ones before it too). Resuming a stage
 # whose checkpoint was made with other values of these would not continue it exactly: refused.
 STAGE_SETTINGS = {
@@ -1525,6 +1516,8 @@ STAGE_SETTINGS = {
     "grpo": ("rl_steps", "rl_lr", "rl_prompts", "group_size", "clip_eps", "kl_coef", "temperature", "gamma",
              "rollout", "draft", "mtp_online", "mtp_online_lr", "entropy_coef"),
 }
+
+
 CHECKPOINT_KEYS = ("stage", "step", "done", "model", "optimizers", "rng", "world_size", "train", "model_config", "extra")
 
 
@@ -1622,6 +1615,62 @@ class Run:
                                   f"{self.world.world_size}; resume with the same --nproc_per_node")
         return ckpt
 
+# ---------------------------------------------------------------------------------------------------
+# 12. Training stages: SFT of the backbone, pre-RL MTP training (backbone frozen), GRPO; each a loop of
+# steps with a progress bar, a JSON log and checkpoints (run_stage).
+
+
+def lr_at(step: int, total: int, base: float, warmup: int):
+    """Linear warmup, then cosine decay to 10% of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def graph_mode(tc: "TrainConfig"):
+    """The generators' cuda_graphs argument: None uses graphs where they work, False never."""
+    return None if tc.cuda_graphs else False
+
+
+def autocast(tc: "TrainConfig", device):
+    """bf16 autocast around the training forwards (weights, optimizer and loss math stay float32)."""
+    if tc.precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def rollout_weights(model: GPT, precision: str) -> GPT:
+    """The model that rollouts run on: `model` itself in fp32; in bf16 a copy with bf16 parameters (the
+    rotary tables stay float32), refreshed in place before every rollout, the way an RL system syncs the
+    trainer's weights into its inference engine. Not autocast: that re-casts every float32 weight on every
+    forward (a CUDA graph cannot keep autocast's cast cache), while bf16 weights read half the bytes."""
+    if precision == "fp32":
+        return model
+    copy = deepcopy(model).eval()
+    for p in copy.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+        p.data = p.data.to(torch.bfloat16)
+    return copy
+
+
+@torch.no_grad()
+def refresh_rollout_weights(rollout_model: GPT, model: GPT):
+    """Copy the trainer's weights into the rollout copy in place (addresses fixed: graphs stay valid)."""
+    if rollout_model is not model:
+        for dst, src in zip(rollout_model.parameters(), model.parameters()):
+            dst.copy_(src)
+
+
+def optimizer_step(loss, optimizer, params, world: Dist, grad_clip: float):
+    """backward, average the gradients over the ranks, clip, step: the same in every stage."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(params, world)
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+
 
 def run_stage(run: Run, stage: str, steps: int, step_fn, model, optimizers, generators, describe, extra=None):
     """The loop every stage shares: resume, tqdm bar, JSON log, periodic and Ctrl-C checkpoints.
@@ -1707,46 +1756,6 @@ def evaluate(model: GPT, task: DigitSumTask, prompts, seed: int, gamma: int, cud
     return r.mean().item(), acc.float().mean().item()
 
 
-@torch.no_grad()
-def time_rollouts(model: GPT, idx, max_new_tokens: int, gammas, eos=None, seed: int = 0, repeats: int = 3,
-                  cuda_graphs=None, chooser=None):
-    """Tokens/s of decoding the same batch with each draft length in `gammas` (0 = plain decoding, 1..K,
-    or "auto"), the modes alternated over `repeats` seeds so machine noise hits all alike; one untimed call
-    of each first (kernel selection, graph captures, auto's cost profile). Returns {gamma: dict(tokens_per_s,
-    accept_length, chosen)}, chosen being the gamma "auto" picked."""
-    model.eval()
-    sync = torch.cuda.synchronize if idx.is_cuda else (lambda: None)
-    chooser = chooser or DraftLengthChooser(model.config.mtp_train_steps)
-    def run(g, gen):
-        if g == 0:
-            return generate(model, idx, max_new_tokens, generator=gen, eos=eos, cuda_graphs=cuda_graphs)
-        return speculative_generate(model, idx, max_new_tokens, gamma=g, generator=gen, eos=eos,
-                                    cuda_graphs=cuda_graphs, chooser=chooser)
-    for g in gammas:
-        run(g, torch.Generator(idx.device).manual_seed(seed))
-    tokens, seconds, last = {g: 0 for g in gammas}, {g: 0.0 for g in gammas}, {}
-    for r in range(repeats):
-        for g in gammas:
-            gen = torch.Generator(idx.device).manual_seed(seed + r)   # same seeds for every mode
-            sync()
-            t0 = time.perf_counter()
-            last[g] = run(g, gen)
-            sync()
-            seconds[g] += time.perf_counter() - t0
-            tokens[g] += last[g].mask.sum().item()
-    return {g: dict(tokens_per_s=tokens[g] / seconds[g], accept_length=last[g].stats["accept_length"],
-                    chosen=last[g].stats.get("gamma", 0)) for g in gammas}
-
-
-def optimizer_step(loss, optimizer, params, world: Dist, grad_clip: float):
-    """backward, average the gradients over the ranks, clip, step: the same in every stage."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    average_gradients(params, world)
-    torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
-
-
 def train_sft(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
     """Supervised fine-tuning of the backbone on the house-style examples (answer tokens only)."""
     tc, world = run.train, run.world
@@ -1827,18 +1836,6 @@ def train_mtp(run: Run, model: GPT, task: DigitSumTask, gen_data, device, data=N
     model.train()
     run_stage(run, "mtp", until or tc.mtp_steps, step_fn, model, [opt], [gen_data],
               lambda m: f"{m['objective']} {m['loss']:.3f}")
-
-
-def rollout(model: GPT, tc: TrainConfig, idx, max_new_tokens: int, generator, chooser=None):
-    """The policy's samples for RL: MTP speculative decoding (exact, so on-policy) or plain decoding.
-    With gamma "auto" the caller's chooser keeps the costs and acceptance from step to step."""
-    model.eval()
-    graphs = graph_mode(tc)
-    if tc.rollout == "spec":
-        return speculative_generate(model, idx, max_new_tokens, gamma=tc.gamma, draft=tc.draft, temperature=tc.temperature,
-                                    generator=generator, eos=EOS, cuda_graphs=graphs, chooser=chooser)
-    return generate(model, idx, max_new_tokens, temperature=tc.temperature, generator=generator, eos=EOS,
-                    cuda_graphs=graphs)
 
 
 def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, device, extra, probe=None):
@@ -1938,13 +1935,15 @@ def recent_acceptance(recent):
     accepted = torch.tensor([m["drafts_accepted"] for m in recent]).sum(0).tolist()
     return [a / r if r else None for a, r in zip(accepted, reached)]   # None: a depth never drafted
 
-
 # ---------------------------------------------------------------------------------------------------
-# 9. Experiments: the paper's findings at toy scale. `python bebop.py --experiment NAME` (or `all`).
+# 13. Experiments: the paper's findings at toy scale. `python bebop.py --experiment NAME` (or `all`).
 # All start from one SFT checkpoint (out/sft.pt, trained once and reused); MTP heads and RL runs are
 # cached in out/exp_*/ so an interrupted sweep resumes. Results go to out/experiments.json.
 
+
 EXPERIMENTS = ("losses", "temperature", "rl", "entropy", "decomposition", "boundary")
+
+
 TEMPERATURES = (0.3, 0.5, 0.7, 0.9, 1.1, 1.3, 1.5)
 
 
@@ -2157,6 +2156,8 @@ def experiment_temperature(lab: Lab):
 
 
 ENTROPY_COEF = 0.15  # GRPO entropy bonus of the rl experiment's entropy_up / entropy_down runs (+ and -)
+
+
 RL_RUNS = {   # name: (entropy coefficient, learning-rate scale, step-count scale, online MTP loss)
     "entropy_up": (ENTROPY_COEF, 1, 0.6, "none"),   # 0.6 x rl_steps each: 60 steps on the cpu preset
     "recipe": (0.0, 1, 0.6, "none"),
@@ -2165,7 +2166,11 @@ RL_RUNS = {   # name: (entropy coefficient, learning-rate scale, step-count scal
     "online_ce": (0.0, 1, 0.6, "ce"),               # the e2e-TV head updated online with CE ...
     "online_e2e_tv": (0.0, 1, 0.6, "e2e_tv"),       # ... or with its own loss
 }
+
+
 PROBE_HEADS = ("ce", "kl", "e2e_tv")   # frozen heads measured on every run's rollouts (teacher-forced)
+
+
 DRIFT_EVERY = 10                        # RL steps between measurements on the fixed held-out contexts
 
 
@@ -2266,6 +2271,8 @@ def experiment_rl(lab: Lab):
 
 FIG1A_RULES = {   # rule: (frozen head, teacher-forced series) as the paper's Fig. 1a lines
     "to": ("ce", "to_length"), "rs_ce": ("ce", "rs_length"), "rs_e2e_tv": ("e2e_tv", "rs_length")}
+
+
 ENTROPY_RUNS = ("entropy_up", "recipe", "entropy_down")
 
 
@@ -2435,9 +2442,8 @@ def run_experiments(args):
     print(f"\nexperiments {', '.join(names)} done in {time.time() - t0:.0f} s; results in {path}")
     return results
 
-
 # ---------------------------------------------------------------------------------------------------
-# 10. Benchmark: `python bebop.py --bench`. Speculative against plain decoding on one trained model,
+# 14. Benchmark: `python bebop.py --bench`. Speculative against plain decoding on one trained model,
 # measured side by side, with the cost of each piece of a speculative step; a GRPO step with each kind of
 # rollout; and the memory-lean TV loss against plain autograd at a 32k vocabulary.
 
@@ -2456,6 +2462,37 @@ def timed(fn, repeats: int, device, blocks: int = 5):
         sync()
         best = min(best, (time.perf_counter() - t0) / repeats)
     return best
+
+
+@torch.no_grad()
+def time_rollouts(model: GPT, idx, max_new_tokens: int, gammas, eos=None, seed: int = 0, repeats: int = 3,
+                  cuda_graphs=None, chooser=None):
+    """Tokens/s of decoding the same batch with each draft length in `gammas` (0 = plain decoding, 1..K,
+    or "auto"), the modes alternated over `repeats` seeds so machine noise hits all alike; one untimed call
+    of each first (kernel selection, graph captures, auto's cost profile). Returns {gamma: dict(tokens_per_s,
+    accept_length, chosen)}, chosen being the gamma "auto" picked."""
+    model.eval()
+    sync = torch.cuda.synchronize if idx.is_cuda else (lambda: None)
+    chooser = chooser or DraftLengthChooser(model.config.mtp_train_steps)
+    def run(g, gen):
+        if g == 0:
+            return generate(model, idx, max_new_tokens, generator=gen, eos=eos, cuda_graphs=cuda_graphs)
+        return speculative_generate(model, idx, max_new_tokens, gamma=g, generator=gen, eos=eos,
+                                    cuda_graphs=cuda_graphs, chooser=chooser)
+    for g in gammas:
+        run(g, torch.Generator(idx.device).manual_seed(seed))
+    tokens, seconds, last = {g: 0 for g in gammas}, {g: 0.0 for g in gammas}, {}
+    for r in range(repeats):
+        for g in gammas:
+            gen = torch.Generator(idx.device).manual_seed(seed + r)   # same seeds for every mode
+            sync()
+            t0 = time.perf_counter()
+            last[g] = run(g, gen)
+            sync()
+            seconds[g] += time.perf_counter() - t0
+            tokens[g] += last[g].mask.sum().item()
+    return {g: dict(tokens_per_s=tokens[g] / seconds[g], accept_length=last[g].stats["accept_length"],
+                    chosen=last[g].stats.get("gamma", 0)) for g in gammas}
 
 
 @torch.no_grad()
@@ -2710,9 +2747,8 @@ def device_name(device) -> str:
         return torch.cuda.get_device_name(torch.device(device))
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
-
 # ---------------------------------------------------------------------------------------------------
-# 11. main(): SFT -> pre-RL MTP training -> GRPO with speculative rollouts -> side-by-side timing.
+# 15. main(): flags derived from TrainConfig; SFT -> pre-RL MTP training -> GRPO -> side-by-side timing.
 
 
 class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
@@ -2723,6 +2759,8 @@ class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
 
 
 MAX_ROWS = 2**16      # largest batch of sequences a run may ask for (SFT/MTP batch, RL rollouts, eval prompts)
+
+
 MAX_STEPS = 10**7
 
 
