@@ -49,9 +49,8 @@ import os
 import signal
 import time
 import warnings
-import weakref
 from copy import deepcopy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from types import SimpleNamespace
 
 import torch
@@ -77,36 +76,38 @@ class GPTConfig:
 
 @dataclass
 class TrainConfig:
-    preset: str = "cpu"
-    seed: int = 1337
-    task_seed: int = 1234        # fixes the house style of the toy task
-    sft_steps: int = 1000
+    """Everything a run is made of besides the model's shape. A preset overrides some fields, flags any
+    (each field is a flag: --sft-steps for sft_steps), and a checkpoint records them all."""
+    preset: str = "cpu"          # model shape and budget (PRESETS below); on CUDA the default is gpu
+    seed: int = 1337             # initial weights, data order and rollouts
+    task_seed: int = 1234        # fixes the house style of the toy task and the held-out prompts
+    sft_steps: int = 1000        # supervised steps that teach the backbone the task
     sft_lr: float = 3e-3
-    batch_size: int = 64
-    mtp_steps: int = 200
+    batch_size: int = 64         # sequences per SFT and MTP step
+    mtp_steps: int = 200         # pre-RL MTP training steps (one epoch over the policy's samples)
     mtp_lr: float = 3e-3
-    mtp_loss: str = "e2e_tv"     # the paper's headline objective (Eq. 13)
+    mtp_loss: str = "e2e_tv"     # the paper's headline objective (Eq. 13); see MTP_LOSSES
     mtp_data: str = "policy"     # "policy": the frozen policy's own samples (paper's RFT data); "sft": SFT data
     mtp_ce_warmup: float = 0.5   # first fraction of MTP steps on CE: real MTP heads come CE-pretrained,
                                  # and TV alone cannot learn a token the head gives no mass (grad ~ q)
-    rl_steps: int = 100
+    rl_steps: int = 100          # GRPO steps
     rl_lr: float = 2e-4
     rl_prompts: int = 8          # prompts per GRPO step; each gets group_size samples
-    group_size: int = 16
-    clip_eps: float = 0.2
-    kl_coef: float = 0.0
+    group_size: int = 16         # G samples per prompt: advantages are normalised within the group
+    clip_eps: float = 0.2        # PPO-style ratio clip of the GRPO surrogate (Eq. 3)
+    kl_coef: float = 0.0         # weight of the k3 estimate of KL(policy || SFT policy); 0: no reference model
     entropy_coef: float = 0.0    # + rewards policy entropy, - penalises it; 0 is the recipe (moves H on purpose)
     temperature: float = 1.0     # sampling temperature of the rollouts; the trainer's log-probs use the same
     gamma: object = "auto"       # drafted tokens per round at rollout time: 1..K, or "auto" (chosen per call
                                  # from measured costs and running acceptance); the paper uses 3
-    rollout: str = "spec"        # "spec" (MTP speculative, RS) or "ar" (plain)
+    rollout: str = "spec"        # "spec" (MTP speculative, exact) or "ar" (plain autoregressive)
     draft: str = "sample"        # "sample" = rejection sampling (RS), "greedy" = target-only (TO)
-    mtp_online: str = "none"     # "none" keeps the MTP layer frozen in RL (the paper's recipe)
-    mtp_online_lr: float = 3e-4
-    grad_clip: float = 1.0
+    mtp_online: str = "none"     # "none" keeps the MTP layer frozen in RL (the paper's recipe), else its loss
+    mtp_online_lr: float = 3e-4  # the online MTP layer's own learning rate (paper 5.3)
+    grad_clip: float = 1.0       # gradient-norm clip of every stage
     eval_prompts: int = 256      # held-out prompts, fixed by task_seed
-    ckpt_every: int = 50
-    precision: str = "fp32"      # "bf16" (default on CUDA): autocast in training, bf16 weights for rollouts
+    ckpt_every: int = 50         # steps between checkpoints (and one at the end of every stage)
+    precision: str = "fp32"      # "bf16" (the gpu preset): autocast in training, bf16 weights for rollouts
     cuda_graphs: bool = True     # replay the decoding step as a CUDA graph where that works (CUDA)
 
 
@@ -124,7 +125,7 @@ PRESETS = {
     "cpu": dict(model=dict(n_layer=6, n_head=4, n_embd=96), sft_steps=1000, mtp_steps=200, rl_steps=100,
                 batch_size=64, rl_prompts=8, group_size=16, rl_lr=2e-4),
     "gpu": dict(model=dict(n_layer=24, n_head=8, n_embd=512), sft_steps=3000, mtp_steps=1000, rl_steps=200,
-                batch_size=128, rl_prompts=32, group_size=16, sft_lr=1e-3, mtp_lr=1e-3, rl_lr=1e-4),
+                batch_size=128, rl_prompts=32, group_size=16, sft_lr=1e-3, mtp_lr=1e-3, rl_lr=1e-4, precision="bf16"),
 }
 
 
@@ -540,11 +541,17 @@ def sample(probs, generator=None):
     return (probs / noise).argmax(-1)
 
 
-def sample_token(logits, temperature: float, generator=None):
-    """One token per row (..., V) -> (...), and its log-prob at the sampling temperature, from one
-    log-softmax (the probabilities are its exp; temperature 0 picks the argmax)."""
+def sampling_law(logits, temperature: float):
+    """The law tokens are drawn from at a temperature: (log-probs, probabilities) (..., V) in float32, from
+    one log-softmax. Temperature 0 is greedy: a one-hot at the argmax (its log-probs are those at T = 1)."""
     logp = F.log_softmax(logits.float() / (temperature or 1.0), dim=-1)
-    x = sample(logp.exp() if temperature > 0 else probs_from_logits(logits, 0), generator)
+    return logp, logp.exp() if temperature > 0 else probs_from_logits(logits, 0)
+
+
+def sample_token(logits, temperature: float, generator=None):
+    """One token per row (..., V) -> (...), and its log-prob under the sampling law."""
+    logp, p = sampling_law(logits, temperature)
+    x = sample(p, generator)
     return x, logp.gather(-1, x[..., None]).squeeze(-1)
 
 
@@ -604,7 +611,7 @@ def check_distributions(probs, name: str, atol: float = 1e-3):
 # ---------------------------------------------------------------------------------------------------
 # 5. Generation. Plain and speculative decoding have one shape: a prefill, then a step function that
 # updates a fixed set of tensors in place (no host sync, no data-dependent branch), repeated until every
-# row is done (`decode`). That shape is all section 8 needs to replay a step as a CUDA graph unchanged.
+# row is done (`decoding_loop`). That shape is all section 8 needs to replay a step as a CUDA graph unchanged.
 
 
 @dataclass
@@ -661,7 +668,7 @@ def is_integer(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)   # numpy's bool is not Integral
 
 
-def check_sampling_args(model: GPT, max_new_tokens, temperature, eos, generator, trace=None):
+def check_sampling_args(model: GPT, max_new_tokens, temperature, eos, generator, trace=None, graphs=None):
     """Clear errors for the generators' arguments, each naming what was wrong and what is allowed."""
     if not is_integer(max_new_tokens):
         raise TypeError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -680,10 +687,16 @@ def check_sampling_args(model: GPT, max_new_tokens, temperature, eos, generator,
                              f"torch.Generator({device.type!r})")
     if trace is not None and not isinstance(trace, list):
         raise TypeError(f"trace must be a list (rounds are appended to it) or None, got {type(trace).__name__}")
+    if graphs is not None and getattr(graphs, "model", None) is not model:
+        raise ValueError(f"graphs must be None or a CudaGraphs made for this model (CudaGraphs(model)), got "
+                         f"{type(graphs).__name__}")
 
 
-def finish(idx, lengths, ragged, new_tokens, logprobs, eos, stats):
-    """Pad after the first EOS and assemble prompt + new tokens."""
+def finish(idx, lengths, ragged, s, max_new_tokens: int, eos, stats):
+    """The generators' shared ending: the new tokens and log-probs out of the state's buffers (copies: a
+    CudaGraphs reuses the state in its next call of this shape), padded after the first EOS, and the
+    prompts and new tokens assembled."""
+    new_tokens, logprobs = s.tokens[:, :max_new_tokens].clone(), s.logprobs[:, :max_new_tokens].clone()
     mask = torch.ones_like(new_tokens, dtype=torch.bool)
     if eos is not None:
         is_eos = (new_tokens == eos).long()
@@ -698,66 +711,41 @@ def finish(idx, lengths, ragged, new_tokens, logprobs, eos, stats):
     return Generation(tokens, new_tokens, logprobs, mask, stats)
 
 
-def repeat_until_done(step, done, max_steps: int, lag=None):
-    """Call step() until every row of `done` (B,) is True, at most max_steps times.
-
-    Reading `done` on the host waits for the device. On CUDA (lag 1, the default there) the flag is copied
-    to pinned memory behind each step and read one step late, so the GPU always has the next step queued
-    and never waits for the host; a batch that has just finished then runs `lag` idle steps, which change
-    nothing (finished rows are parked and write nothing). Elsewhere the flag is read at once (lag 0)."""
-    cuda = done.is_cuda
-    lag = (1 if cuda else 0) if lag is None else lag
-    if bool(done.all()):
-        return
-    flags = torch.zeros(lag + 1, dtype=torch.bool, pin_memory=cuda)     # a ring: one slot per step in flight
-    events = [torch.cuda.Event() if cuda else None for _ in range(lag + 1)]
-    for i in range(max_steps):
-        step()
-        flags[i % (lag + 1)].copy_(done.all(), non_blocking=cuda)
-        if cuda:
-            events[i % (lag + 1)].record()
-        j = i - lag                                  # the step whose flag is read now
-        if j >= 0:
-            if cuda:
-                events[j % (lag + 1)].synchronize()
-            if flags[j % (lag + 1)]:
-                return
-
-
-def decoding_loop(model: GPT, key, B: int, S: int, prefill, step, generator, max_steps: int, cuda_graphs):
+def decoding_loop(model: GPT, key, B: int, S: int, prefill, step, generator, max_steps: int, graphs=None):
     """Prefill, then repeat a decoding step until every row is done; returns the final state.
 
     prefill(caches) -> state, a SimpleNamespace of tensors; step(caches, state, generator) updates them in
-    place. With CUDA graphs (see use_cuda_graphs) the caches and state live in a StaticDecoder (section 6)
-    kept per `key`, and the step is replayed as a graph; the functions themselves are the same either way."""
-    static = static_decoder(model, key, B, S) if use_cuda_graphs(cuda_graphs, model.lm_head.weight.device) else None
-    caches = static.caches if static else Caches(model, B, S)
-    state = prefill(caches)
-    if static:
-        state, generator = static.enter(state, generator)
-    run = functools.partial(step, caches, state, generator=generator)
-    if static:
-        run = static.graphed(run, strict=cuda_graphs is True)
-    repeat_until_done(run, state.done, max_steps)
-    return state
+    place. graphs: None decodes eagerly, here; a CudaGraphs (section 8) runs the same prefill and step with
+    its own static caches and state and replays the step as a CUDA graph; key names what the step bakes in
+    (shapes, temperature, EOS), so that calls which may share one captured step find it."""
+    if graphs is not None:
+        return graphs.decode(model, key, B, S, prefill, step, generator, max_steps)
+    caches = Caches(model, B, S)
+    s = prefill(caches)
+    for _ in range(max_steps):
+        if bool(s.done.all()):   # a host read each step: eager decoding waits for the device here
+            break
+        step(caches, s, generator=generator)
+    return s
 
 
 def prefill(model: GPT, caches: Caches, idx, lengths, width: int, max_new_tokens: int, temperature: float,
             generator, eos):
     """The backbone reads the right-padded prompts (B, P) and samples x_L after each row's last prompt
-    token. Returns the prompts' hidden states and the state both decoders start from: x, output buffers
-    (B, width) holding x in column 0, and which rows are already done."""
+    token. Returns the prompts' hidden states and the state both decoders start from."""
     B, P = idx.shape
     rows = torch.arange(B, device=idx.device)
     logits, h = backbone_step(model, caches, idx, torch.arange(P, device=idx.device).expand(B, P))
     x, logp = sample_token(logits[rows, lengths - 1], temperature, generator)
-    tokens = torch.zeros(B, width, dtype=torch.long, device=idx.device)
-    logprobs = torch.zeros(B, width, device=idx.device)
-    tokens[:, 0], logprobs[:, 0] = x, logp
-    done = torch.full((B,), max_new_tokens <= 1, device=idx.device)
+    s = SimpleNamespace(
+        x=x,                                                                  # (B,) last emitted token, x_L
+        tokens=torch.zeros(B, width, dtype=torch.long, device=idx.device),   # (B, width) emitted tokens
+        logprobs=torch.zeros(B, width, device=idx.device),                   # ... and their target log p
+        done=torch.full((B,), max_new_tokens <= 1, device=idx.device))      # (B,) rows that are finished
+    s.tokens[:, 0], s.logprobs[:, 0] = x, logp
     if eos is not None:
-        done |= x == eos
-    return h, SimpleNamespace(x=x, tokens=tokens, logprobs=logprobs, done=done)
+        s.done |= x == eos
+    return h, s
 
 
 def plain_prefill(model: GPT, caches: Caches, idx, lengths, max_new_tokens: int, temperature: float,
@@ -765,8 +753,9 @@ def plain_prefill(model: GPT, caches: Caches, idx, lengths, max_new_tokens: int,
     """prefill, plus where each row's next token goes; the state plain_step advances."""
     # A spare last column for steps past the end (the bench calls a step any number of times).
     _, s = prefill(model, caches, idx, lengths, max_new_tokens + 1, max_new_tokens, temperature, generator, eos)
-    s.pos, s.i = lengths.clone(), torch.ones((), dtype=torch.long, device=idx.device)
-    s.forwards = torch.ones((), device=idx.device)
+    s.pos = lengths.clone()                                         # (B,) position of x, the next to forward
+    s.count = torch.ones((), dtype=torch.long, device=idx.device)   # tokens emitted so far (all rows alike)
+    s.forwards = torch.ones((), device=idx.device)                  # target forwards, the prefill's included
     return s
 
 
@@ -775,41 +764,39 @@ def plain_step(model: GPT, caches: Caches, s, temperature: float, eos, max_new_t
     s.forwards += ~s.done.all()                             # an idle step (all rows done) is not counted
     logits, _ = backbone_step(model, caches, s.x[:, None], s.pos[:, None])
     x, logp = sample_token(logits[:, 0], temperature, generator)
-    col = s.i.clamp(max=max_new_tokens).view(1)             # (1,) a tensor, so a graph can replay it
+    col = s.count.clamp(max=max_new_tokens).view(1)         # (1,) a tensor, so a graph can replay it
     s.tokens.index_copy_(1, col, x[:, None])
     s.logprobs.index_copy_(1, col, logp[:, None])
     s.x.copy_(x)
     s.pos.copy_((s.pos + 1).clamp(max=caches.S - 1))
-    s.i += 1
-    s.done |= s.i >= max_new_tokens
+    s.count += 1
+    s.done |= s.count >= max_new_tokens
     if eos is not None:
         s.done |= x == eos
 
 
 @torch.no_grad()
 def generate(model: GPT, prompt, max_new_tokens: int, *, temperature: float = 1.0, generator=None, eos=None,
-             cuda_graphs=None):
+             graphs=None):
     """Plain autoregressive sampling: one backbone forward per token, batched, KV-cached.
-    cuda_graphs: None = on for a CUDA model, True/False to force (section 6)."""
-    check_sampling_args(model, max_new_tokens, temperature, eos, generator)
+    graphs: a CudaGraphs of this model to replay each step as a CUDA graph (section 8); None: eager."""
+    check_sampling_args(model, max_new_tokens, temperature, eos, generator, graphs=graphs)
     max_new_tokens, temperature, eos = int(max_new_tokens), float(temperature), None if eos is None else int(eos)
     idx, lengths, ragged = prepare_prompts(model, prompt, max_new_tokens, lookahead=0)
     B, P = idx.shape
     key = ("plain", B, P, max_new_tokens, temperature, eos)
     prefill = lambda caches: plain_prefill(model, caches, idx, lengths, max_new_tokens, temperature, generator, eos)
     step = functools.partial(plain_step, model, temperature=temperature, eos=eos, max_new_tokens=max_new_tokens)
-    s = decoding_loop(model, key, B, P + max_new_tokens, prefill, step, generator, max_new_tokens - 1, cuda_graphs)
-    stats = dict(target_forwards=int(s.forwards), accept_length=1.0)
-    # Copies: with CUDA graphs the state is reused by the next call of this shape.
-    return finish(idx, lengths, ragged, s.tokens[:, :max_new_tokens].clone(), s.logprobs[:, :max_new_tokens].clone(),
-                  eos, stats)
+    # Every step adds a token to each running row, so max_new_tokens - 1 steps after the prefill suffice.
+    s = decoding_loop(model, key, B, P + max_new_tokens, prefill, step, generator, max_new_tokens - 1, graphs)
+    return finish(idx, lengths, ragged, s, max_new_tokens, eos, dict(target_forwards=int(s.forwards), accept_length=1.0))
 
 
 DRAFT_RULES = ("sample", "greedy")
 
 
 def draft_tokens(model: GPT, caches: Caches, g1, L, gamma: int, temperature: float, greedy: bool, generator=None):
-    """Draft gamma tokens with the MTP layer, starting from g^1 at anchor L-1 (B, C).
+    """Draft: gamma tokens from the MTP layer, starting from g^1 at anchor L-1 (B, C).
 
     Step k >= 2 reads (g^{k-1}, emb(d_{k-1})) at MTP-cache position L+k-2. Returns the draft logits
     (B, gamma, V), the distributions q the drafts were drawn from (one-hot for the greedy/TO rule),
@@ -831,6 +818,15 @@ def draft_tokens(model: GPT, caches: Caches, g1, L, gamma: int, temperature: flo
     return torch.stack(logits, 1), torch.stack(qs, 1), torch.stack(ds, 1)
 
 
+def verify(model: GPT, caches: Caches, x, drafts, L, temperature: float):
+    """Verify: the backbone reads [x_L, d_1..d_gamma] at positions L..L+gamma in one forward. Returns the
+    target logits, the target law at the sampling temperature as log-probs and probabilities (B, gamma+1, V)
+    (the last row is for the bonus token), and the backbone's hidden states, which the MTP layer reads next."""
+    positions = L[:, None] + torch.arange(drafts.size(1) + 1, device=L.device)   # (B, gamma+1)
+    target_logits, h = backbone_step(model, caches, torch.cat([x[:, None], drafts], 1), positions)
+    return (target_logits, *sampling_law(target_logits, temperature), h)
+
+
 def speculative_prefill(model: GPT, caches: Caches, idx, lengths, max_new_tokens: int, gamma: int,
                         temperature: float, generator, eos):
     """prefill, then the MTP layer reads the depth-1 inputs (h_s, emb(x_{s+1})) of every prompt anchor,
@@ -841,9 +837,10 @@ def speculative_prefill(model: GPT, caches: Caches, idx, lengths, max_new_tokens
     h, s = prefill(model, caches, idx, lengths, max_new_tokens + gamma + 1, max_new_tokens, temperature, generator, eos)
     nxt = F.pad(idx[:, 1:], (0, 1))
     nxt[rows, lengths - 1] = s.x
+    # g^1 (B, C): the MTP layer's output at anchor L-1, from which the next round drafts d_1.
     s.g1 = mtp_step(model, caches, h, nxt, torch.arange(P, device=idx.device).expand(B, P))[rows, lengths - 1]
-    s.L = lengths.clone()                                                   # position of x_L
-    s.count = torch.ones(B, dtype=torch.long, device=idx.device)           # tokens emitted so far per row
+    s.L = lengths.clone()                                                   # (B,) position of x_L
+    s.count = torch.ones(B, dtype=torch.long, device=idx.device)           # (B,) tokens emitted so far
     s.histogram = torch.zeros(gamma + 1, dtype=torch.long, device=idx.device)  # kept tokens - 1 per row-round
     s.reached = torch.zeros(gamma, dtype=torch.long, device=idx.device)        # per draft step: kept if accepted
     s.accepted = torch.zeros(gamma, dtype=torch.long, device=idx.device)       # ... and accepted
@@ -852,33 +849,16 @@ def speculative_prefill(model: GPT, caches: Caches, idx, lengths, max_new_tokens
     return s
 
 
-def speculative_round(model: GPT, caches: Caches, s, gamma: int, temperature: float, greedy: bool, eos,
-                      max_new_tokens: int, generator, trace=None, debug=False):
-    """One round for every row: draft gamma tokens, verify them in one backbone forward, accept n of them
-    plus one more token, and advance each active row by its own n+1. Updates the state s in place.
-
-    x is x_L, the last emitted token, not yet in the backbone's cache; L is its position. gamma may change
-    from round to round (up to what the state was sized for); gamma = 0 is a plain decoding step that
-    also feeds the MTP layer its one new depth-1 input, so that g^1 stays current and drafting can resume."""
-    B = s.x.size(0)
-    rows, ahead = torch.arange(B, device=s.x.device), torch.arange(gamma + 1, device=s.x.device)
+def emit_and_advance(model: GPT, caches: Caches, s, n, tokens, target_logp, h, eos, max_new_tokens: int):
+    """Emit and advance: write each active row's n accepted drafts and its correction or bonus, count what
+    the row keeps, feed the MTP layer, and move the row on by its own n+1 (rolling back the rest)."""
+    B, gamma = tokens.size(0), tokens.size(1) - 1
+    rows, ahead = torch.arange(B, device=tokens.device), torch.arange(gamma + 1, device=tokens.device)
     active = ~s.done
-    draft_logits, q, d = draft_tokens(model, caches, s.g1, s.L, gamma, temperature, greedy, generator)
-    vpos = s.L[:, None] + ahead                                              # (B, gamma+1)
-    target_logits, h = backbone_step(model, caches, torch.cat([s.x[:, None], d], 1), vpos)
-    # One log-softmax serves both the sampler's p and the log-probs GRPO needs (float32 sampling math).
-    target_logp = F.log_softmax(target_logits.float() / (temperature or 1.0), dim=-1)
-    p = target_logp.exp() if temperature > 0 else probs_from_logits(target_logits, 0)
-    if debug:
-        check_distributions(p, "target_probs")
-        check_distributions(q, "draft_probs")
-    n, tokens = rejection_sample(p, q, d, generator)
+    positions = s.L[:, None] + ahead
     # The MTP layer reads the depth-1 inputs of the gamma+1 new anchors (entries past n are garbage,
     # later hidden and overwritten); its output at index n is the next round's g^1.
-    s.g1.copy_(mtp_step(model, caches, h, tokens, vpos)[rows, n])
-    if trace is not None:
-        trace.append(dict(L=s.L.clone(), n=n, tokens=tokens, drafts=d, draft_logits=draft_logits, draft_probs=q,
-                          target_logits=target_logits, active=active))
+    s.g1.copy_(mtp_step(model, caches, h, tokens, positions)[rows, n])
     # Emit; finished rows write nothing (their writes go to the spare last column, unchanged).
     lp = target_logp.gather(-1, tokens[..., None]).squeeze(-1)
     width = s.tokens.size(1)
@@ -897,14 +877,35 @@ def speculative_round(model: GPT, caches: Caches, s, gamma: int, temperature: fl
     s.reached[:gamma] += kept[:, :gamma].sum(0)               # draft j reached and its slot would be kept
     s.accepted[:gamma] += (kept[:, :gamma] & (ahead[:gamma] < n[:, None])).sum(0)
     s.gamma_rounds[gamma] += active.any()
-    # Advance each active row by its own n+1 (rolling back the rest); finished rows stay parked inside
-    # the cache, so an idle round never writes out of bounds.
+    # Advance each active row by its own n+1; finished rows stay parked inside the cache, so an idle
+    # round never writes out of bounds.
     s.count += torch.where(active, n + 1, 0)
     lookahead = s.reached.numel()                       # the longest round the caches have room for
     s.L.copy_(torch.where(active, torch.clamp(s.L + n + 1, max=caches.S - lookahead - 1), s.L))
     s.x.copy_(torch.where(active, tokens[rows, n], s.x))
     s.rounds += active.any()
     s.done |= (s.count >= max_new_tokens) | is_end.any(1)
+
+
+def speculative_round(model: GPT, caches: Caches, s, gamma: int, temperature: float, greedy: bool, eos,
+                      max_new_tokens: int, generator, trace=None, debug=False):
+    """One round for every row, the paper's four steps: draft gamma tokens, verify them in one backbone
+    forward, accept n of them plus one more token (rejection_sample), emit and advance each active row by
+    its own n+1. Updates the state s in place.
+
+    gamma may change from round to round (up to what the state was sized for); gamma = 0 is a plain
+    decoding step that also feeds the MTP layer its one new depth-1 input, so that g^1 stays current and
+    drafting can resume."""
+    draft_logits, q, d = draft_tokens(model, caches, s.g1, s.L, gamma, temperature, greedy, generator)
+    target_logits, target_logp, p, h = verify(model, caches, s.x, d, s.L, temperature)
+    if debug:
+        check_distributions(p, "target_probs")
+        check_distributions(q, "draft_probs")
+    n, tokens = rejection_sample(p, q, d, generator)
+    if trace is not None:
+        trace.append(dict(L=s.L.clone(), n=n, tokens=tokens, drafts=d, draft_logits=draft_logits, draft_probs=q,
+                          target_logits=target_logits, active=~s.done))
+    emit_and_advance(model, caches, s, n, tokens, target_logp, h, eos, max_new_tokens)
 
 
 def acceptance_stats(histogram, reached, accepted):
@@ -923,7 +924,7 @@ def acceptance_stats(histogram, reached, accepted):
 
 @torch.no_grad()
 def speculative_generate(model: GPT, prompt, max_new_tokens: int, *, gamma=3, temperature: float = 1.0,
-                         draft: str = "sample", generator=None, eos=None, trace=None, cuda_graphs=None,
+                         draft: str = "sample", generator=None, eos=None, trace=None, graphs=None,
                          debug: bool = False, chooser=None):
     """MTP speculative decoding with exact verification, batched, rows advancing at their own pace.
 
@@ -931,26 +932,27 @@ def speculative_generate(model: GPT, prompt, max_new_tokens: int, *, gamma=3, te
     at positions L..L+gamma in one forward; rejection_sample accepts n drafts and adds one token.
     draft="sample" is rejection sampling (RS); draft="greedy" is target-only verification (TO).
     gamma: an integer 1..K (K = the depth the MTP layer was trained to); "auto", the draft length that
-    maximises expected tokens per second for this batch (a DraftLengthChooser, `chooser` or the model's
-    own, decides from measured round costs and the acceptance of earlier calls; 0 means plain decoding);
-    or a list of integers 0..K, a forced per-round schedule (cycled; eager), which tests use.
+    maximises expected tokens per second for this batch, decided by `chooser` (a DraftLengthChooser,
+    section 9, which keeps measured round costs and the acceptance of earlier calls: pass the same one to
+    every call; without one each call profiles afresh) where 0 means plain decoding; or a list of
+    integers 0..K, a forced per-round schedule (cycled; eager), which tests use.
     Pass a list as `trace` to record every round's internals (tests and the tutorial use it; eager only).
-    cuda_graphs: None = on for a CUDA model without a trace, True/False to force (section 6).
+    graphs: a CudaGraphs of this model to replay each round as a CUDA graph (section 8); None: eager.
     debug=True checks every round's p and q with check_distributions (host syncs; eager)."""
     if draft not in DRAFT_RULES:
         raise ValueError(f"unknown draft rule {draft!r}; choose one of {DRAFT_RULES}")
     K = model.config.mtp_train_steps
     if gamma == "auto":
-        return adaptive_generate(model, prompt, max_new_tokens, chooser or draft_chooser(model), temperature=temperature,
-                                 draft=draft, generator=generator, eos=eos, cuda_graphs=cuda_graphs)
+        return adaptive_generate(model, prompt, max_new_tokens, chooser or DraftLengthChooser(K),
+                                 temperature=temperature, draft=draft, generator=generator, eos=eos, graphs=graphs)
     schedule = [int(g) for g in gamma] if isinstance(gamma, (list, tuple)) and gamma and all(
         is_integer(g) and 0 <= int(g) <= K for g in gamma) else None
     if schedule is None and (not is_integer(gamma) or not 1 <= int(gamma) <= K):
         raise ValueError(f"gamma must be an integer in 1..{K} (the depth the MTP layer was trained to), \"auto\", "
                          f"or a list of integers in 0..{K}; got {gamma!r}")
-    if trace is not None and cuda_graphs:
-        raise ValueError("trace records every round eagerly: pass cuda_graphs=False (or None) with it")
-    check_sampling_args(model, max_new_tokens, temperature, eos, generator, trace)
+    if trace is not None and graphs is not None:
+        raise ValueError("trace records every round eagerly: pass graphs=None with it")
+    check_sampling_args(model, max_new_tokens, temperature, eos, generator, trace, graphs)
     max_new_tokens, temperature, eos = int(max_new_tokens), float(temperature), None if eos is None else int(eos)
     lookahead = max(schedule) if schedule else int(gamma)
     idx, lengths, ragged = prepare_prompts(model, prompt, max_new_tokens, lookahead=lookahead)
@@ -968,13 +970,12 @@ def speculative_generate(model: GPT, prompt, max_new_tokens: int, *, gamma=3, te
         step = round_of(lookahead)
     # Every active row gains at least one token per round, so max_new_tokens - 1 rounds always suffice.
     s = decoding_loop(model, key, B, P + max_new_tokens + lookahead, prefill, step, generator, max_new_tokens - 1,
-                      False if trace is not None or debug or schedule else cuda_graphs)
+                      None if debug or schedule else graphs)
     stats = acceptance_stats(s.histogram.tolist(), s.reached.tolist(), s.accepted.tolist())
     stats.update(target_forwards=int(s.rounds) + 1, rounds=int(s.rounds), gamma=gamma if schedule else lookahead,
                  gamma_rounds=dict(enumerate(s.gamma_rounds.tolist())))
-    # Copies: with CUDA graphs the state is reused by the next call of this shape.
-    return finish(idx, lengths, ragged, s.tokens[:, :max_new_tokens].clone(), s.logprobs[:, :max_new_tokens].clone(),
-                  eos, stats)
+    return finish(idx, lengths, ragged, s, max_new_tokens, eos, stats)
+
 
 # ---------------------------------------------------------------------------------------------------
 # 6. Toy task: "write N digits that sum to S", in a house style.
@@ -1160,16 +1161,76 @@ def policy_logprobs(model: GPT, tokens, prompt_len: int, temperature: float = 1.
     return logp, entropy
 
 
-def rollout(model: GPT, tc: TrainConfig, idx, max_new_tokens: int, generator, chooser=None):
+def autocast(tc: "TrainConfig", device):
+    """bf16 autocast around the training forwards (weights, optimizer and loss math stay float32)."""
+    if tc.precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def rollout(model: GPT, tc: TrainConfig, idx, max_new_tokens: int, generator, chooser=None, graphs=None):
     """The policy's samples for RL: MTP speculative decoding (exact, so on-policy) or plain decoding.
     With gamma "auto" the caller's chooser keeps the costs and acceptance from step to step."""
     model.eval()
-    graphs = graph_mode(tc)
     if tc.rollout == "spec":
         return speculative_generate(model, idx, max_new_tokens, gamma=tc.gamma, draft=tc.draft, temperature=tc.temperature,
-                                    generator=generator, eos=EOS, cuda_graphs=graphs, chooser=chooser)
+                                    generator=generator, eos=EOS, graphs=graphs, chooser=chooser)
     return generate(model, idx, max_new_tokens, temperature=tc.temperature, generator=generator, eos=EOS,
-                    cuda_graphs=graphs)
+                    graphs=graphs)
+
+
+def update(loss, optimizer, params, grad_clip: float, sync=None):
+    """backward, clip, step: one optimizer update, the same in every stage. sync(params), if given, runs
+    between backward and clipping (data parallelism averages the gradients over the ranks there)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if sync is not None:
+        sync(params)
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+
+
+def grpo_step(model: GPT, policy: GPT, optimizer, task: DigitSumTask, tc: TrainConfig, prompts, generator, *,
+              chooser=None, graphs=None, ref=None, mtp_optimizer=None, sync=None):
+    """One GRPO step: rollouts, rewards, group advantages, one clipped policy-gradient update (Eq. 3).
+
+    prompts (idx, S, N) hold each prompt group_size times in a row. policy is what the rollouts run on:
+    the model itself, or a bf16 copy of its weights (rollout_weights). ref: a frozen copy for the KL term
+    (tc.kl_coef > 0). mtp_optimizer: with tc.mtp_online, the MTP layer is also trained on the rollouts
+    (the recipe keeps it frozen). Returns (rollouts, metrics): this process's own numbers; the harness
+    reduces them over data-parallel ranks (sync averages the gradients)."""
+    idx, S, N = prompts
+    t0 = time.perf_counter()
+    roll = rollout(policy, tc, idx, task.max_new_tokens, generator, chooser, graphs)
+    rollout_s = time.perf_counter() - t0
+    rewards, correct = task.reward(roll.new_tokens, S, N)
+    advantages = group_advantages(rewards, tc.group_size)
+
+    model.train()
+    with autocast(tc, idx.device):
+        logp, entropy = policy_logprobs(model, roll.tokens, PROMPT_LEN, tc.temperature)
+        ref_logp = policy_logprobs(ref, roll.tokens, PROMPT_LEN, tc.temperature)[0].detach() if ref is not None else None
+    # old_logp comes straight from the rollout: exact sampling makes it the policy's own log-prob.
+    loss = grpo_loss(logp, roll.logprobs, advantages, roll.mask, tc.clip_eps, tc.kl_coef, ref_logp,
+                     tc.entropy_coef, entropy)
+    update(loss, optimizer, backbone_parameters(model), tc.grad_clip, sync)
+    if mtp_optimizer is not None:
+        with autocast(tc, idx.device):
+            mtp_l = mtp_training_loss(model, tc.mtp_online, roll.tokens, PROMPT_LEN + roll.mask.sum(1),
+                                      model.config.mtp_train_steps)
+        update(mtp_l, mtp_optimizer, list(model.mtp.parameters()), tc.grad_clip, sync)
+
+    mask = roll.mask.float()
+    hist = roll.stats.get("accept_histogram", [])
+    return roll, dict(
+        loss=loss.item(), reward=rewards.mean().item(), accuracy=correct.float().mean().item(),
+        entropy=((entropy.detach() * mask).sum() / mask.sum()).item(),   # of the policy, per generated token
+        rollout_s=rollout_s, tokens_per_s=mask.sum().item() / rollout_s,
+        # Kept tokens after the prefill's first, and the row-rounds (target forwards per row) they took.
+        kept_tokens=sum((i + 1) * h for i, h in enumerate(hist)), row_rounds=sum(hist),
+        drafts_reached=roll.stats.get("drafts_reached", []), drafts_accepted=roll.stats.get("drafts_accepted", []),
+        gamma=roll.stats.get("gamma", 0) if tc.rollout == "spec" else 0)
+
 
 # ===================================================================================================
 # The harness. Everything above is the recipe; everything below runs it: speed switched on from outside
@@ -1190,16 +1251,6 @@ def rollout(model: GPT, tc: TrainConfig, idx, max_new_tokens: int, generator, ch
 
 def cuda_graphs_supported(device) -> bool:
     return torch.device(device).type == "cuda" and hasattr(torch.cuda.CUDAGraph, "register_generator_state")
-
-
-def use_cuda_graphs(requested, device) -> bool:
-    """None: graphs where they work (CUDA); True: insist (a clear error where they cannot); False: eager."""
-    if requested is None:
-        return cuda_graphs_supported(device)
-    if requested and not cuda_graphs_supported(device):
-        raise ValueError(f"cuda_graphs=True needs a model on a CUDA device and torch >= 2.5 "
-                         f"(CUDAGraph.register_generator_state); this model is on {device}, torch {torch.__version__}")
-    return bool(requested)
 
 
 def warm_up(step, tensors, generator, times: int = 2):
@@ -1269,7 +1320,7 @@ class StaticDecoder:
                 if strict:
                     raise
                 warnings.warn(f"CUDA graph capture failed, decoding this shape eagerly ({e}); "
-                              f"--no-cuda-graphs (cuda_graphs=False) skips graphs altogether")
+                              f"--no-cuda-graphs (graphs=None) skips graphs altogether")
                 self.replay = step   # the same static state and generator: later calls stay consistent
             rebound = [name for name, t in vars(self.state).items() if t is not fields[name]]
             if rebound:
@@ -1277,26 +1328,70 @@ class StaticDecoder:
         return self.replay
 
 
-# Static decoders live as long as their model (weakly keyed), are dropped when its weights move, and at
-# most MAX_STATIC_DECODERS are kept per model (each holds a full set of caches): the oldest goes first.
-STATIC_DECODERS = weakref.WeakKeyDictionary()
+def repeat_until_done(step, done, max_steps: int, lag: int):
+    """Call step() until every row of `done` (B,) is True, at most max_steps times.
+
+    Reading `done` on the host waits for the device. With lag >= 1 the flag is copied to pinned memory
+    behind each step and read `lag` steps late, so the GPU always has the next step queued and never waits
+    for the host; a batch that has just finished then runs `lag` idle steps, which change nothing (finished
+    rows are parked and write nothing)."""
+    cuda = done.is_cuda
+    if bool(done.all()):
+        return
+    flags = torch.zeros(lag + 1, dtype=torch.bool, pin_memory=cuda)     # a ring: one slot per step in flight
+    events = [torch.cuda.Event() if cuda else None for _ in range(lag + 1)]
+    for i in range(max_steps):
+        step()
+        flags[i % (lag + 1)].copy_(done.all(), non_blocking=cuda)
+        if cuda:
+            events[i % (lag + 1)].record()
+        j = i - lag                                  # the step whose flag is read now
+        if j >= 0:
+            if cuda:
+                events[j % (lag + 1)].synchronize()
+            if flags[j % (lag + 1)]:
+                return
 
 
-MAX_STATIC_DECODERS = 8
+class CudaGraphs:
+    """CUDA graphs for one model's decoding, owned by whoever decodes repeatedly (the RL loop, the
+    benchmark) and handed to generate / speculative_generate as `graphs`: no global registry.
 
+    One StaticDecoder per decoding shape, captured on first use and replayed after. All are dropped when
+    the model's weights move to new storage (a graph reads the addresses it was captured with), and at most
+    max_shapes are kept (each holds a full set of caches): the oldest goes first. If a capture fails, it
+    warns and decodes that shape eagerly, or raises with strict=True. lag: steps by which the host reads the
+    done flag late (default 1 on CUDA: the GPU always has the next step queued)."""
 
-def static_decoder(model: GPT, key, B: int, S: int) -> StaticDecoder:
-    """The StaticDecoder of `model` for this decoding shape, made on first use."""
-    where = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
-    entry = STATIC_DECODERS.get(model)
-    if entry is None or entry["where"] != where:
-        entry = STATIC_DECODERS[model] = dict(where=where, decoders={})
-    decoders, key = entry["decoders"], key + (S, next(model.parameters()).dtype)
-    if key not in decoders:
-        if len(decoders) >= MAX_STATIC_DECODERS:
-            decoders.pop(next(iter(decoders)))
-        decoders[key] = StaticDecoder(model, B, S)
-    return decoders[key]
+    def __init__(self, model: GPT, strict: bool = False, max_shapes: int = 8, lag: int = None):
+        device = model.lm_head.weight.device
+        if not cuda_graphs_supported(device):
+            raise ValueError(f"CUDA graphs need a model on a CUDA device and torch >= 2.5 "
+                             f"(CUDAGraph.register_generator_state); this model is on {device}, torch {torch.__version__}")
+        self.model, self.strict, self.max_shapes = model, strict, max_shapes
+        self.lag = (1 if device.type == "cuda" else 0) if lag is None else lag
+        self.where, self.decoders = None, {}
+
+    def decoder(self, key, B: int, S: int) -> StaticDecoder:
+        """The StaticDecoder of this decoding shape, made on first use."""
+        where = tuple(t.data_ptr() for t in itertools.chain(self.model.parameters(), self.model.buffers()))
+        if where != self.where:
+            self.where, self.decoders = where, {}
+        key = key + (S, next(self.model.parameters()).dtype)
+        if key not in self.decoders:
+            if len(self.decoders) >= self.max_shapes:
+                self.decoders.pop(next(iter(self.decoders)))
+            self.decoders[key] = StaticDecoder(self.model, B, S)
+        return self.decoders[key]
+
+    def decode(self, model: GPT, key, B: int, S: int, prefill, step, generator, max_steps: int):
+        """section 5's decoding_loop, with the caches and state of this shape's StaticDecoder and the step replayed."""
+        static = self.decoder(key, B, S)
+        state, generator = static.enter(prefill(static.caches), generator)
+        replay = static.graphed(functools.partial(step, static.caches, state, generator=generator), self.strict)
+        repeat_until_done(replay, state.done, max_steps, self.lag)
+        return state
+
 
 # ---------------------------------------------------------------------------------------------------
 # 9. Adaptive draft length: speculation that never loses. Whether drafting pays depends on the batch size,
@@ -1393,20 +1488,11 @@ class DraftLengthChooser:
                 self.observed[j] += 1
 
 
-DRAFT_CHOOSERS = weakref.WeakKeyDictionary()   # a model's own chooser, for gamma="auto" without one
-
-
-def draft_chooser(model: GPT) -> DraftLengthChooser:
-    if model not in DRAFT_CHOOSERS:
-        DRAFT_CHOOSERS[model] = DraftLengthChooser(model.config.mtp_train_steps)
-    return DRAFT_CHOOSERS[model]
-
-
 def adaptive_generate(model: GPT, prompt, max_new_tokens: int, chooser: DraftLengthChooser, **kwargs):
     """gamma="auto": profile this batch shape once, pick gamma, decode (plainly for gamma = 0), learn."""
     B = len(prompt)
     P = prompt.size(1) if isinstance(prompt, torch.Tensor) else max(len(r) for r in prompt)
-    graphs = use_cuda_graphs(kwargs.get("cuda_graphs"), model.lm_head.weight.device)
+    graphs = kwargs.get("graphs") is not None
     shape = (B, P, int(max_new_tokens), graphs)
     if shape not in chooser.costs:
         chooser.costs[shape] = round_costs(model, B, P, int(max_new_tokens), chooser.max_gamma, graphs)
@@ -1628,18 +1714,6 @@ def lr_at(step: int, total: int, base: float, warmup: int):
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def graph_mode(tc: "TrainConfig"):
-    """The generators' cuda_graphs argument: None uses graphs where they work, False never."""
-    return None if tc.cuda_graphs else False
-
-
-def autocast(tc: "TrainConfig", device):
-    """bf16 autocast around the training forwards (weights, optimizer and loss math stay float32)."""
-    if tc.precision == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def rollout_weights(model: GPT, precision: str) -> GPT:
     """The model that rollouts run on: `model` itself in fp32; in bf16 a copy with bf16 parameters (the
     rotary tables stay float32), refreshed in place before every rollout, the way an RL system syncs the
@@ -1661,15 +1735,6 @@ def refresh_rollout_weights(rollout_model: GPT, model: GPT):
     if rollout_model is not model:
         for dst, src in zip(rollout_model.parameters(), model.parameters()):
             dst.copy_(src)
-
-
-def optimizer_step(loss, optimizer, params, world: Dist, grad_clip: float):
-    """backward, average the gradients over the ranks, clip, step: the same in every stage."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    average_gradients(params, world)
-    torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
 
 
 def run_stage(run: Run, stage: str, steps: int, step_fn, model, optimizers, generators, describe, extra=None):
@@ -1739,7 +1804,7 @@ def is_main_thread():
 
 
 @torch.no_grad()
-def evaluate(model: GPT, task: DigitSumTask, prompts, seed: int, gamma: int, cuda_graphs=None,
+def evaluate(model: GPT, task: DigitSumTask, prompts, seed: int, gamma: int, graphs=None,
              temperature: float = 1.0):
     """Mean reward and exact accuracy on a fixed prompt set, sampling at the RL temperature. A fixed draft
     length, whatever the rollouts use: with "auto" the random stream would follow measured timings, and
@@ -1750,7 +1815,7 @@ def evaluate(model: GPT, task: DigitSumTask, prompts, seed: int, gamma: int, cud
     model.eval()
     gen = torch.Generator(idx.device).manual_seed(seed)
     roll = speculative_generate(model, idx, task.max_new_tokens, gamma=gamma, generator=gen, eos=EOS,
-                                temperature=temperature, cuda_graphs=cuda_graphs)
+                                temperature=temperature, graphs=graphs)
     model.train(was_training)
     r, acc = task.reward(roll.new_tokens, S, N)
     return r.mean().item(), acc.float().mean().item()
@@ -1768,7 +1833,7 @@ def train_sft(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
         seq, lengths = task.sft_batch(tc.batch_size // world.world_size, gen_data)   # this rank's share
         with autocast(tc, device):
             loss = sft_loss(model, seq.to(device), lengths.to(device))
-        optimizer_step(loss, opt, params, world, tc.grad_clip)
+        update(loss, opt, params, tc.grad_clip, sync=functools.partial(average_gradients, world=world))
         return all_reduce(dict(loss=loss.item()), world)
 
     model.train()
@@ -1830,7 +1895,7 @@ def train_mtp(run: Run, model: GPT, task: DigitSumTask, gen_data, device, data=N
         seq, lengths, *backbone = batch(step)
         with autocast(tc, device):
             loss = mtp_training_loss(model, kind, seq.to(device), lengths.to(device), K, backbone or None)
-        optimizer_step(loss, opt, params, world, tc.grad_clip)
+        update(loss, opt, params, tc.grad_clip, sync=functools.partial(average_gradients, world=world))
         return dict(**all_reduce(dict(loss=loss.item()), world), objective=kind)
 
     model.train()
@@ -1839,16 +1904,18 @@ def train_mtp(run: Run, model: GPT, task: DigitSumTask, gen_data, device, data=N
 
 
 def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, device, extra, probe=None):
-    """GRPO with rollouts from speculative decoding and, by default, a frozen MTP layer (the recipe).
-    probe(step, model, roll), if given, returns extra numbers to log for each step, measured on the policy
-    that wrote the step's rollouts (before its update): the experiments measure several heads that way."""
+    """The GRPO stage: grpo_step repeated, with a frozen MTP layer by default (the recipe), around it what
+    a run needs: this rank's prompts, the rollout weights and their CUDA graphs, the draft-length chooser
+    (checkpointed, so a resumed run decides as the interrupted one would have), metrics reduced over ranks.
+    probe(step, state, roll), if given, returns extra numbers to log for each step, measured on the weights
+    that wrote the step's rollouts (`state`, the model's state dict before the update): the experiments
+    measure several heads that way."""
     tc, world, G = run.train, run.world, run.train.group_size
-    params = backbone_parameters(model)
-    opt = torch.optim.AdamW(params, lr=tc.rl_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    mtp_params = list(model.mtp.parameters())
+    opt = torch.optim.AdamW(backbone_parameters(model), lr=tc.rl_lr, betas=(0.9, 0.95), weight_decay=0.0)
     mtp_opt = [] if tc.mtp_online == "none" else [   # paper 5.3: own optimizer, learning rate and clipping
-        torch.optim.AdamW(mtp_params, lr=tc.mtp_online_lr, betas=(0.9, 0.95), weight_decay=0.0)]
+        torch.optim.AdamW(model.mtp.parameters(), lr=tc.mtp_online_lr, betas=(0.9, 0.95), weight_decay=0.0)]
     policy = rollout_weights(model, tc.precision)   # what rollouts run on (model itself in fp32)
+    graphs = CudaGraphs(policy) if tc.cuda_graphs and cuda_graphs_supported(device) else None
     K = model.config.mtp_train_steps
     chooser = DraftLengthChooser(K) if tc.gamma == "auto" else None   # owned by this loop: costs profiled once
     depth = K if tc.gamma == "auto" else tc.gamma                       # draft depths logged per step
@@ -1857,58 +1924,38 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
         ref = GPT(model.config).to(device)
         ref.load_state_dict(model.state_dict())
         ref.requires_grad_(False).eval()
+    sync = functools.partial(average_gradients, world=world)
 
     def step_fn(step):
         # This rank's prompts; every group of G samples of one prompt stays on one rank, so advantages
         # need no communication.
         t_step = time.perf_counter()
         idx, S, N = task.prompts(tc.rl_prompts // world.world_size, gen_data)
-        idx, S, N = (x.repeat_interleave(G, 0).to(device) for x in (idx, S, N))
-        t0 = time.perf_counter()
+        prompts = tuple(x.repeat_interleave(G, 0).to(device) for x in (idx, S, N))
         refresh_rollout_weights(policy, model)
         if chooser is not None and "chooser" in extra and not extra.get("chooser_loaded"):
             chooser.load(extra["chooser"])   # a resumed run decides as the interrupted one would have
             extra["chooser_loaded"] = True
-        roll = rollout(policy, tc, idx, task.max_new_tokens, gen_roll, chooser)
+        before = {k: v.clone() for k, v in model.state_dict().items()} if probe is not None else None
+        roll, m = grpo_step(model, policy, opt, task, tc, prompts, gen_roll, chooser=chooser, graphs=graphs, ref=ref,
+                            mtp_optimizer=mtp_opt[0] if mtp_opt else None, sync=sync)
+        step_s = time.perf_counter() - t_step
         if chooser is not None:
             extra["chooser"] = chooser.state()
-        rollout_s = time.perf_counter() - t0
-        rewards, correct = task.reward(roll.new_tokens, S, N)
-        advantages = group_advantages(rewards, G)
-        probed = probe(step, model, roll) if probe is not None else {}
-
-        model.train()
-        with autocast(tc, device):
-            logp, entropy = policy_logprobs(model, roll.tokens, PROMPT_LEN, tc.temperature)
-            ref_logp = (policy_logprobs(ref, roll.tokens, PROMPT_LEN, tc.temperature)[0].detach()
-                        if ref is not None else None)
-        loss = grpo_loss(logp, roll.logprobs, advantages, roll.mask, tc.clip_eps, tc.kl_coef, ref_logp,
-                         tc.entropy_coef, entropy)
-        optimizer_step(loss, opt, params, world, tc.grad_clip)
-        if mtp_opt:
-            lengths = PROMPT_LEN + roll.mask.sum(1)
-            with autocast(tc, device):
-                mtp_l = mtp_training_loss(model, tc.mtp_online, roll.tokens, lengths, model.config.mtp_train_steps)
-            optimizer_step(mtp_l, mtp_opt[0], mtp_params, world, tc.grad_clip)
+        probed = probe(step, before, roll) if probe is not None else {}
 
         # Log what a user watches, reduced over ranks: means of per-rank means (equal batch sizes), sums
         # for throughput and draft counts, acceptance recomputed from the pooled counts.
-        mask = roll.mask.float()
-        loss_value = loss.item()                   # waits for the update: the step ends here
-        step_s = time.perf_counter() - t_step
-        means = all_reduce(dict(loss=loss_value, reward=rewards.mean().item(), accuracy=correct.float().mean().item(),
-                                entropy=((entropy.detach() * mask).sum() / mask.sum()).item(), rollout_s=rollout_s,
+        means = all_reduce(dict(**{k: m[k] for k in ("loss", "reward", "accuracy", "entropy", "rollout_s")},
                                 step_s=step_s), world)
-        hist = roll.stats.get("accept_histogram", [])
-        # Kept tokens after the prefill's first, and the row-rounds (target forwards per row) they took.
-        sums = all_reduce(dict(tokens_per_s=mask.sum().item() / rollout_s,
-                               kept_tokens=sum((i + 1) * h for i, h in enumerate(hist)), row_rounds=sum(hist),
-                               # padded to K depths: ranks (and steps, with gamma "auto") may draft different lengths
-                               drafts_reached=(roll.stats.get("drafts_reached", []) + [0] * K)[:depth],
-                               drafts_accepted=(roll.stats.get("drafts_accepted", []) + [0] * K)[:depth]), world, op="sum")
-        gamma = roll.stats.get("gamma", 0) if tc.rollout == "spec" else 0
-        extra["gamma_chosen"] = {**extra.get("gamma_chosen", {}), str(gamma): extra.get("gamma_chosen", {}).get(str(gamma), 0) + 1}
-        metrics = dict(**means, **sums, gamma=gamma,
+        # Draft counts padded to `depth`: ranks (and steps, with gamma "auto") may draft different lengths.
+        pad = lambda counts: (counts + [0] * K)[:depth]
+        sums = all_reduce(dict(tokens_per_s=m["tokens_per_s"], kept_tokens=m["kept_tokens"], row_rounds=m["row_rounds"],
+                               drafts_reached=pad(m["drafts_reached"]), drafts_accepted=pad(m["drafts_accepted"])),
+                          world, op="sum")
+        chosen = extra.get("gamma_chosen", {})
+        extra["gamma_chosen"] = {**chosen, str(m["gamma"]): chosen.get(str(m["gamma"]), 0) + 1}
+        metrics = dict(**means, **sums, gamma=m["gamma"],
                        accept_length=sums["kept_tokens"] / sums["row_rounds"] if sums["row_rounds"] else 1.0,
                        acceptance=[a / r if r else None for a, r in zip(sums["drafts_accepted"], sums["drafts_reached"])]
                        if tc.rollout == "spec" else None)
@@ -2199,8 +2246,8 @@ def rl_probe(lab: Lab, online: bool):
     gamma = lab.tc.gamma
 
     @torch.no_grad()
-    def measure(step, model, roll):
-        scratch.load_state_dict(model.state_dict())
+    def measure(step, state, roll):   # state: the weights that wrote the rollouts, before this step's update
+        scratch.load_state_dict(state)
         out = dict(teacher_forced={})
         rows = slice(0, None, 2)   # every other rollout (one per pair of a group): half the cost, same law
         seqs, kept = roll.tokens[rows], roll.mask[rows]
@@ -2210,11 +2257,9 @@ def rl_probe(lab: Lab, online: bool):
             fixed_backbone = scratch.backbone_outputs(tokens)
             logp = F.log_softmax(fixed_backbone[1][:, :-1].float(), -1)
             out.update(kl_to_start=token_kl(logp, start_logp, answer), fixed_context_acceptance={})
-        for name, state in list(heads.items()) + ([("online", None)] if online else []):
-            if state is not None:
-                scratch.mtp.load_state_dict(state)
-            else:
-                scratch.mtp.load_state_dict(model.mtp.state_dict())
+        own = {k[4:]: v for k, v in state.items() if k.startswith("mtp.")}   # the online head, if updated
+        for name, head in list(heads.items()) + ([("online", own)] if online else []):
+            scratch.mtp.load_state_dict(head)
             tok = teacher_forced_acceptance(scratch, seqs, kept, gamma, backbone=backbone)
             rs, to = per_depth(tok["rs"], tok["valid"]), per_depth(tok["to"], tok["valid"])
             q1 = tok["q"][:, 0]
@@ -2448,50 +2493,47 @@ def run_experiments(args):
 # rollout; and the memory-lean TV loss against plain autograd at a 32k vocabulary.
 
 
+def seconds(fn, device):
+    """(wall seconds of one fn() call, with the device synchronised around it, and what it returned)."""
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, out
+
+
 def timed(fn, repeats: int, device, blocks: int = 5):
     """Seconds per fn() call after one warm-up call: the best of `blocks` means over `repeats` calls
     (interference from other work on a shared machine only ever adds time)."""
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     fn()
-    best = float("inf")
-    for _ in range(blocks):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        sync()
-        best = min(best, (time.perf_counter() - t0) / repeats)
-    return best
+    return min(seconds(lambda: [fn() for _ in range(repeats)], device)[0] / repeats for _ in range(blocks))
 
 
 @torch.no_grad()
 def time_rollouts(model: GPT, idx, max_new_tokens: int, gammas, eos=None, seed: int = 0, repeats: int = 3,
-                  cuda_graphs=None, chooser=None):
+                  graphs=None, chooser=None):
     """Tokens/s of decoding the same batch with each draft length in `gammas` (0 = plain decoding, 1..K,
     or "auto"), the modes alternated over `repeats` seeds so machine noise hits all alike; one untimed call
     of each first (kernel selection, graph captures, auto's cost profile). Returns {gamma: dict(tokens_per_s,
     accept_length, chosen)}, chosen being the gamma "auto" picked."""
     model.eval()
-    sync = torch.cuda.synchronize if idx.is_cuda else (lambda: None)
     chooser = chooser or DraftLengthChooser(model.config.mtp_train_steps)
     def run(g, gen):
         if g == 0:
-            return generate(model, idx, max_new_tokens, generator=gen, eos=eos, cuda_graphs=cuda_graphs)
-        return speculative_generate(model, idx, max_new_tokens, gamma=g, generator=gen, eos=eos,
-                                    cuda_graphs=cuda_graphs, chooser=chooser)
+            return generate(model, idx, max_new_tokens, generator=gen, eos=eos, graphs=graphs)
+        return speculative_generate(model, idx, max_new_tokens, gamma=g, generator=gen, eos=eos, graphs=graphs,
+                                    chooser=chooser)
     for g in gammas:
         run(g, torch.Generator(idx.device).manual_seed(seed))
-    tokens, seconds, last = {g: 0 for g in gammas}, {g: 0.0 for g in gammas}, {}
+    tokens, total, last = {g: 0 for g in gammas}, {g: 0.0 for g in gammas}, {}
     for r in range(repeats):
         for g in gammas:
             gen = torch.Generator(idx.device).manual_seed(seed + r)   # same seeds for every mode
-            sync()
-            t0 = time.perf_counter()
-            last[g] = run(g, gen)
-            sync()
-            seconds[g] += time.perf_counter() - t0
+            dt, last[g] = seconds(lambda: run(g, gen), idx.device)
+            total[g] += dt
             tokens[g] += last[g].mask.sum().item()
-    return {g: dict(tokens_per_s=tokens[g] / seconds[g], accept_length=last[g].stats["accept_length"],
+    return {g: dict(tokens_per_s=tokens[g] / total[g], accept_length=last[g].stats["accept_length"],
                     chosen=last[g].stats.get("gamma", 0)) for g in gammas}
 
 
@@ -2650,6 +2692,7 @@ def run_benchmark(args):
     cuda = device.startswith("cuda")
     batches = (1, 16, 64, 256) if cuda else (1, 4, 16, tc.rl_prompts * tc.group_size)
     graph_settings = ([False, True] if tc.cuda_graphs else [False]) if cuda_graphs_supported(device) else [False]
+    owned = CudaGraphs(policy) if True in graph_settings else None   # the bench's own captured steps
     K, gamma = cfg.mtp_train_steps, BENCH_GAMMA
     gammas = [0] + list(range(1, K + 1)) + ["auto"]
     rows = []
@@ -2660,7 +2703,8 @@ def run_benchmark(args):
     for B in batches:
         idx = held_out[0][torch.arange(B, device=device) % held_out[0].size(0)]
         for graphs in graph_settings:
-            speed = time_rollouts(policy, idx, task.max_new_tokens, gammas, EOS, repeats=3, cuda_graphs=graphs)
+            speed = time_rollouts(policy, idx, task.max_new_tokens, gammas, EOS, repeats=3,
+                                  graphs=owned if graphs else None)
             c = step_costs(policy, B, gamma, device, graphs)
             best = max(speed[g]["tokens_per_s"] for g in gammas[:-1])
             for g in gammas:
@@ -2751,98 +2795,117 @@ def device_name(device) -> str:
 # 15. main(): flags derived from TrainConfig; SFT -> pre-RL MTP training -> GRPO -> side-by-side timing.
 
 
-class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each flag's default, except where there is none to show."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
 MAX_ROWS = 2**16      # largest batch of sequences a run may ask for (SFT/MTP batch, RL rollouts, eval prompts)
-
-
 MAX_STEPS = 10**7
 
 
-def parse_args(argv=None):
-    def number(text, kind):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if kind is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+def number(text: str, kind):
+    """text as an int or a finite float, or an argparse error that says what was expected."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def integer_in(low: int, high: int):
+    def integer(text):
+        value = number(text, int)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {text}")
         return value
+    return integer
 
-    def integer_in(low, high):
-        def integer(text):
-            value = number(text, int)
-            if not low <= value <= high:
-                raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {text}")
-            return value
-        return integer
 
-    def real_in(low, high, low_open=False):
-        def real(text):
-            value = number(text, float)
-            if value < low or value > high or (low_open and value == low):
-                raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low:g}, {high:g}], got {text}")
-            return value
-        return real
+def real_in(low: float, high: float, low_open: bool = False):
+    def real(text):
+        value = number(text, float)
+        if value < low or value > high or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low:g}, {high:g}], got {text}")
+        return value
+    return real
 
+
+def draft_length(text: str):
+    """--gamma: "auto" or a draft length the MTP layer was trained to."""
     K = GPTConfig.mtp_train_steps
-    presets = "; ".join(f"{name}: {p['model']['n_layer']} layers x d={p['model']['n_embd']}, {PRESET_TIMES[name]}"
-                        for name, p in PRESETS.items())
+    if text == "auto":
+        return text
+    try:
+        return integer_in(1, K)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer in 1..{K}, got {text!r}") from None
+
+
+# The command line of every TrainConfig field: what it accepts (a type, or a tuple of choices) and its help.
+# Defaults are not repeated here: they come from TrainConfig, or from the preset for the fields it sets.
+FLAGS = dict(
+    preset=(tuple(sorted(PRESETS)), "model and budget. " + "; ".join(
+        f"{name}: {p['model']['n_layer']} layers x d={p['model']['n_embd']}, {PRESET_TIMES[name]}"
+        for name, p in PRESETS.items())),
+    seed=(integer_in(0, 2**63 - 1), "seed of the initial weights, data order and rollouts"),
+    task_seed=(integer_in(0, 2**63 - 1), "seed of the toy task's house style and of the held-out prompts"),
+    sft_steps=(integer_in(1, MAX_STEPS), "SFT steps"),
+    sft_lr=(real_in(0, 10, low_open=True), "SFT learning rate"),
+    batch_size=(integer_in(1, MAX_ROWS), "sequences per SFT/MTP step"),
+    mtp_steps=(integer_in(1, MAX_STEPS), "MTP training steps"),
+    mtp_lr=(real_in(0, 10, low_open=True), "MTP training learning rate"),
+    mtp_loss=(MTP_LOSSES, "pre-RL MTP objective: ce, forward KL, reverse KL, per-step TV, end-to-end TV (Eq. 13)"),
+    mtp_data=(("policy", "sft"), "pre-RL MTP training data: the policy's own samples (the paper's RFT data) or the "
+                                 "SFT data"),
+    mtp_ce_warmup=(real_in(0, 1), "fraction of the MTP steps trained with CE first (0 = cold start with --mtp-loss)"),
+    rl_steps=(integer_in(1, MAX_STEPS), "GRPO steps"),
+    rl_lr=(real_in(0, 10, low_open=True), "GRPO learning rate"),
+    rl_prompts=(integer_in(1, MAX_ROWS), "prompts per GRPO step"),
+    group_size=(integer_in(2, MAX_ROWS), "samples per prompt"),
+    clip_eps=(real_in(0, 10, low_open=True), "ratio clip of the GRPO surrogate"),
+    kl_coef=(real_in(0, 1e6), "weight of the k3 estimate of KL(policy || SFT policy) in the GRPO loss"),
+    entropy_coef=(real_in(-1e3, 1e3), "GRPO entropy bonus (positive raises the policy's entropy, negative lowers it; "
+                                      "0 = recipe)"),
+    temperature=(real_in(0, 100, low_open=True), "sampling temperature of the RL rollouts (> 0); the trainer's "
+                                                 "log-probs use the same"),
+    gamma=(draft_length, f"drafted tokens per round in the RL rollouts: 1..{GPTConfig.mtp_train_steps} (the depth the "
+                         f"MTP layer is trained to), or auto (chosen per rollout from measured costs and running "
+                         f"acceptance; the paper uses 3)"),
+    rollout=(("spec", "ar"), "speculative or plain (ar) rollouts"),
+    draft=(DRAFT_RULES, "sample: rejection sampling (RS); greedy: target-only verification (TO)"),
+    mtp_online=(("none",) + MTP_LOSSES, "update the MTP layer during RL with this loss (none: frozen, the recipe)"),
+    mtp_online_lr=(real_in(0, 10, low_open=True), "learning rate of the online MTP updates"),
+    grad_clip=(real_in(0, 1e6, low_open=True), "gradient-norm clip of every stage"),
+    eval_prompts=(integer_in(1, MAX_ROWS), "held-out prompts"),
+    ckpt_every=(integer_in(1, MAX_STEPS), "steps between checkpoints"),
+    precision=(("bf16", "fp32"), "bf16: autocast in training and bf16 rollout weights; fp32"),
+    cuda_graphs=(bool, "replay decoding steps as CUDA graphs on CUDA (--no-cuda-graphs: eager)"),
+)
+
+
+def parse_args(argv=None):
+    """The run's own flags (--out, --resume, ...), then one flag per TrainConfig field. A flag left out is
+    None: configure() then takes the preset's value, or TrainConfig's."""
     ap = argparse.ArgumentParser(
         description="The Bebop recipe at toy scale: SFT, pre-RL MTP training, GRPO with MTP speculative rollouts. "
                     "RS = rejection sampling (drafts sampled from the MTP layer, exact); TO = target-only "
                     "verification (greedy drafts, accepted with the policy's probability, also exact).",
-        formatter_class=DefaultsShown)
-    ap.add_argument("--preset", choices=sorted(PRESETS), help=f"model and budget; default gpu on CUDA, else cpu. {presets}")
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    ap.add_argument("--out", default="out", help="output folder: checkpoints, log.jsonl, summary.json")
+    ap.add_argument("--out", default="out", help="output folder: checkpoints, log.jsonl, summary.json (default: out)")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out (same flags)")
     ap.add_argument("--overwrite", action="store_true",
                     help="start afresh in an --out that holds another run's checkpoints (replaced as this run saves)")
-    ap.add_argument("--seed", type=integer_in(0, 2**63 - 1), default=1337,
-                    help="seed of the initial weights, data order and rollouts")
-    ap.add_argument("--mtp-loss", choices=MTP_LOSSES, default="e2e_tv",
-                    help="pre-RL MTP objective: ce, forward KL, reverse KL, per-step TV, end-to-end TV (Eq. 13)")
-    ap.add_argument("--mtp-data", choices=["policy", "sft"], default="policy",
-                    help="pre-RL MTP training data: the policy's own samples (the paper's RFT data) or the SFT data")
-    ap.add_argument("--mtp-ce-warmup", type=real_in(0, 1), default=0.5,
-                    help="fraction of the MTP steps trained with CE first (0 = cold start with --mtp-loss)")
-    ap.add_argument("--rollout", choices=["spec", "ar"], default="spec", help="speculative or plain (ar) rollouts")
-    ap.add_argument("--draft", choices=DRAFT_RULES, default="sample",
-                    help="sample: rejection sampling (RS); greedy: target-only verification (TO)")
-    def draft_length(text):
-        if text == "auto":
-            return text
-        try:
-            return integer_in(1, K)(text)
-        except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(f"expected auto or an integer in 1..{K}, got {text!r}") from None
-
-    ap.add_argument("--gamma", type=draft_length, default="auto",
-                    help=f"drafted tokens per round in the RL rollouts: 1..{K} (the depth the MTP layer is trained to), "
-                         f"or auto (chosen per rollout from measured costs and running acceptance; the paper uses 3)")
-    ap.add_argument("--mtp-online", choices=("none",) + MTP_LOSSES, default="none",
-                    help="update the MTP layer during RL with this loss (none: frozen, the recipe)")
-    ap.add_argument("--kl-coef", type=real_in(0, 1e6), default=0.0,
-                    help="weight of the k3 estimate of KL(policy || SFT policy) in the GRPO loss")
-    ap.add_argument("--entropy-coef", type=real_in(-1e3, 1e3), default=0.0,
-                    help="GRPO entropy bonus (positive raises the policy's entropy, negative lowers it; 0 = recipe)")
-    ap.add_argument("--temperature", type=real_in(0, 100, low_open=True), default=1.0,
-                    help="sampling temperature of the RL rollouts (> 0); the trainer's log-probs use the same")
-    for name, what in (("sft-steps", "SFT steps"), ("mtp-steps", "MTP training steps"), ("rl-steps", "GRPO steps")):
-        ap.add_argument(f"--{name}", type=integer_in(1, MAX_STEPS), help=f"{what} (default: the preset's)")
-    for name, what in (("batch-size", "sequences per SFT/MTP step"), ("rl-prompts", "prompts per GRPO step"),
-                       ("eval-prompts", "held-out prompts")):
-        ap.add_argument(f"--{name}", type=integer_in(1, MAX_ROWS), help=f"{what} (default: the preset's)")
-    ap.add_argument("--group-size", type=integer_in(2, MAX_ROWS), help="samples per prompt (default: the preset's)")
-    ap.add_argument("--precision", choices=["bf16", "fp32"],
-                    help="bf16: autocast in training and bf16 rollout weights (default on CUDA); fp32 (default on CPU)")
-    ap.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA (graphs are on by default)")
+    for f in fields(TrainConfig):
+        kind, text = FLAGS[f.name]
+        default = ("gpu on CUDA, else cpu" if f.name == "preset" else   # per preset where a preset sets it
+                   ", ".join(f"{name} {p.get(f.name, f.default)}" for name, p in PRESETS.items())
+                   if any(f.name in p for p in PRESETS.values()) else f.default)
+        flag, text = "--" + f.name.replace("_", "-"), f"{text} (default: {default})"
+        if kind is bool:
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        elif isinstance(kind, tuple):
+            ap.add_argument(flag, choices=kind, help=text)
+        else:
+            ap.add_argument(flag, type=kind, help=text)
     ap.add_argument("--bench", action="store_true", help="benchmark speculative vs plain decoding (writes bench.json)")
     ap.add_argument("--experiment", choices=EXPERIMENTS + ("all",),
                     help="reproduce one of the paper's findings at toy scale instead of the default run")
@@ -2855,31 +2918,23 @@ def parse_args(argv=None):
 
 
 def configure(args):
-    """Everything a run is made of: (train config, task, model config, device, ranks)."""
+    """Everything a run is made of: (train config, task, model config, device, ranks). The train config is a
+    merge: TrainConfig's defaults, then the preset's values, then the flags given."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     world, device = setup_distributed(device)
-    preset = args.preset or ("gpu" if device.startswith("cuda") else "cpu")
-    on_cuda = device.startswith("cuda")
-    if on_cuda:   # TF32 tensor cores for every float32 matmul (fp32 runs, the experiments' fp32 models)
+    if device.startswith("cuda"):   # TF32 tensor cores for every float32 matmul (fp32 runs, the experiments' fp32 models)
         torch.set_float32_matmul_precision("high")
-    tc = TrainConfig(preset=preset, seed=args.seed, mtp_loss=args.mtp_loss, rollout=args.rollout, draft=args.draft,
-                     gamma=args.gamma, mtp_online=args.mtp_online, kl_coef=args.kl_coef,
-                     temperature=args.temperature, mtp_data=args.mtp_data, entropy_coef=args.entropy_coef,
-                     mtp_ce_warmup=args.mtp_ce_warmup, precision=args.precision or ("bf16" if on_cuda else "fp32"),
-                     cuda_graphs=not args.no_cuda_graphs)
-    for key, value in PRESETS[preset].items():
-        if key != "model":
-            setattr(tc, key, value)
-    for key in ("sft_steps", "mtp_steps", "rl_steps", "batch_size", "rl_prompts", "group_size", "eval_prompts"):
-        if getattr(args, key) is not None:
-            setattr(tc, key, getattr(args, key))
+    preset = args.preset or ("gpu" if device.startswith("cuda") else "cpu")
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    preset_values = {k: v for k, v in PRESETS[preset].items() if k != "model"}
+    tc = TrainConfig(**{**asdict(TrainConfig()), **preset_values, **given, "preset": preset})
     if tc.rl_prompts * tc.group_size > MAX_ROWS:
         raise RunError(f"--rl-prompts {tc.rl_prompts} x --group-size {tc.group_size} = "
                        f"{tc.rl_prompts * tc.group_size} rollouts per GRPO step; at most {MAX_ROWS}")
     for key in ("batch_size", "rl_prompts"):
         if getattr(tc, key) % world.world_size:
             raise RunError(f"--{key.replace('_', '-')} {getattr(tc, key)} must be divisible by the number "
-                             f"of ranks ({world.world_size})")
+                           f"of ranks ({world.world_size})")
     task = DigitSumTask(seed=tc.task_seed)
     return tc, task, build_config(tc, task), device, world
 
@@ -2912,8 +2967,8 @@ def train(args):
         extra.update(ckpt["extra"])
     if world.master and "reward_before" not in extra:
         extra["reward_before"], extra["accuracy_before"] = evaluate(rollout_weights(model, tc.precision), task,
-                                                                    held_out, tc.seed, tc.gamma, graph_mode(tc),
-                                                                    tc.temperature)
+                                                                    held_out, tc.seed, tc.gamma,
+                                                                    temperature=tc.temperature)
     train_grpo(run, model, task, gen_data, gen_roll, device, extra)
     summary = None
     if world.master:
@@ -2926,13 +2981,14 @@ def train(args):
 
 def summarize(model, task, tc: TrainConfig, held_out, extra, t_start, out, device):
     """Evaluate after RL, time speculative against plain decoding side by side, print and save."""
-    policy, graphs = rollout_weights(model, tc.precision), graph_mode(tc)
-    reward_after, accuracy_after = evaluate(policy, task, held_out, tc.seed, tc.gamma, graphs, tc.temperature)
+    policy = rollout_weights(model, tc.precision)
+    reward_after, accuracy_after = evaluate(policy, task, held_out, tc.seed, tc.gamma, temperature=tc.temperature)
+    graphs = CudaGraphs(policy) if tc.cuda_graphs and cuda_graphs_supported(device) else None
     batch = held_out[0][:tc.rl_prompts * tc.group_size]
     gamma = tc.gamma if tc.gamma != "auto" else BENCH_GAMMA
     modes = [0, gamma] + (["auto"] if tc.gamma == "auto" else [])
-    at_rl = time_rollouts(policy, batch, task.max_new_tokens, modes, EOS, cuda_graphs=graphs)
-    at_1 = time_rollouts(policy, batch[:1], task.max_new_tokens, modes, EOS, repeats=10, cuda_graphs=graphs)
+    at_rl = time_rollouts(policy, batch, task.max_new_tokens, modes, EOS, graphs=graphs)
+    at_1 = time_rollouts(policy, batch[:1], task.max_new_tokens, modes, EOS, repeats=10, graphs=graphs)
     spec = tc.gamma   # what the RL rollouts used: a fixed gamma, or auto
     ar_tps, spec_tps, ar_tps1, spec_tps1 = (at_rl[0]["tokens_per_s"], at_rl[spec]["tokens_per_s"],
                                             at_1[0]["tokens_per_s"], at_1[spec]["tokens_per_s"])
