@@ -7,7 +7,7 @@ import copy
 import itertools
 import json
 import math
-import weakref
+import warnings
 
 import pytest
 import torch
@@ -16,11 +16,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bebop
 
+
+# ----------------------------------------------------------------------------- helpers and shared fixtures
+
+
 P_MIN = 1e-4      # a correct sampler must pass every chi-square test at this level
+
+
 P_BROKEN = 1e-8   # a broken sampler must fail at least this clearly
-
-
-# ----------------------------------------------------------------------------- helpers
 
 
 def chi2_pvalue(counts, probs, min_expected=5.0):
@@ -93,17 +96,20 @@ def broken_rejection_sample(bug):
 
 BUGS = ("accept_q_over_p", "resample_from_p", "bonus_wrong_row")
 
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
 # Where decoding runs: eagerly; through the CUDA-graph machinery with a stand-in for the capture (any
 # machine); with real CUDA graphs (GPU only).
 WHERE = ["eager", "stand_in", pytest.param("cuda", marks=needs_cuda)]
 
 
 def stand_in_graphs(monkeypatch, replay_of=lambda step: step):
-    """CUDA graphs without a GPU: decoding goes through StaticDecoder (static caches and state reused
-    across calls, the graph's own reseeded generator, the warm-up and its restore, the rebinding check),
-    and the 'replay' runs the captured step eagerly (through replay_of(step), which may watch it). Only
-    the capture itself is not exercised."""
+    """CUDA graphs without a GPU: a CudaGraphs can be made for a CPU model, decoding through it goes
+    through StaticDecoder (static caches and state reused across calls, the graph's own reseeded
+    generator, the warm-up and its restore, the rebinding check), and the 'replay' runs the captured step
+    eagerly (through replay_of(step), which may watch it). Only the capture itself is not exercised."""
     captures = []
 
     def capture(step, tensors, generator):
@@ -112,21 +118,197 @@ def stand_in_graphs(monkeypatch, replay_of=lambda step: step):
         return replay_of(step)
     monkeypatch.setattr(bebop, "cuda_graphs_supported", lambda device: True)
     monkeypatch.setattr(bebop, "capture_cuda_graph", capture)
-    monkeypatch.setattr(bebop, "STATIC_DECODERS", weakref.WeakKeyDictionary())
     return captures
 
 
 def decoding_on(where, model, monkeypatch):
-    """(model, cuda_graphs argument) for decoding eagerly, through the stand-in, or with real CUDA graphs."""
+    """(model, graphs argument) for decoding eagerly, through the stand-in, or with real CUDA graphs: a fresh
+    CudaGraphs that insists on capturing (strict), so a capture failure fails the test."""
     if where == "stand_in":
         stand_in_graphs(monkeypatch)
-        return model, True
+        return model, bebop.CudaGraphs(model, strict=True)
     if where == "cuda":
-        monkeypatch.setattr(bebop, "STATIC_DECODERS", weakref.WeakKeyDictionary())
-        return copy.deepcopy(model).cuda(), True
-    return model, False
+        model = copy.deepcopy(model).cuda()
+        return model, bebop.CudaGraphs(model, strict=True)
+    return model, None
 
-# ----------------------------------------------------------------------------- rejection_sample
+
+def train_mtp_briefly(model, steps, n_new=20, prompt_len=3, K=4, seed=0):
+    """Fit the MTP layer to the model's own samples with the KL loss, so that drafts get accepted."""
+    V = model.config.vocab_size
+    opt = torch.optim.AdamW(model.mtp.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        seq = bebop.generate(model, torch.randint(0, V, (32, prompt_len), generator=g), n_new, generator=g).tokens
+        target, draft = model.mtp_logits(seq, K)
+        T = seq.size(1)
+        mask = torch.arange(T)[None, :] + torch.arange(1, K + 1)[:, None] <= T - 1   # (K, T)
+        tgt = torch.stack([F.pad(target[:, k:], (0, 0, 0, k)) for k in range(1, K + 1)], 1)
+        chains = lambda x: x.transpose(1, 2).flatten(0, 1)
+        loss = bebop.mtp_loss("kl", chains(draft), chains(tgt), None, chains(mask.expand(len(seq), -1, -1)))
+        opt.zero_grad(), loss.backward(), opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exact_model():
+    """Peaked random backbone, MTP layer half-trained: rejections, corrections and bonus tokens all occur."""
+    return train_mtp_briefly(tiny_model(sharpen=2.5), 5, n_new=6)
+
+
+@pytest.fixture(scope="module")
+def drafted_model():
+    """A small random backbone whose MTP layer was trained briefly, so that drafts get accepted."""
+    return train_mtp_briefly(tiny_model(seed=1, vocab=8, n_layer=2, n_embd=32, block_size=40, sharpen=3.0), 60)
+
+
+def naive_greedy(model, prompt, n_new, eos=None):
+    seq = prompt.clone()
+    for _ in range(n_new):
+        with torch.no_grad():
+            seq = torch.cat([seq, model(seq[None])[0, -1].argmax()[None]])
+    new = seq[prompt.numel():]
+    if eos is not None:
+        hit = (new == eos).nonzero()
+        if len(hit):
+            new[hit[0, 0] + 1:] = eos
+    return new
+
+
+RAGGED = [torch.tensor([1, 2, 3]), torch.tensor([4]), torch.tensor([5, 6, 7, 0, 2]), torch.tensor([3, 3])]
+
+
+@pytest.fixture(scope="module")
+def task():
+    return bebop.DigitSumTask()
+
+
+def small_task_model(task, seed=0):
+    torch.manual_seed(seed)
+    cfg = bebop.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=task.seq_len + 5)
+    return bebop.GPT(cfg)
+
+
+# A fixed draft length: with "auto" the draft lengths, hence the random streams, follow measured timings, so two
+# runs are exact but not bit-identical (test_resume_with_auto_draft_length covers auto with fixed costs).
+TINY_RUN = ["--preset", "tiny", "--sft-steps", "20", "--mtp-steps", "8", "--rl-steps", "6", "--rl-prompts", "4",
+            "--group-size", "4", "--gamma", "3"]
+
+
+def states_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- 2. model
+
+
+def test_mtp_chain_mask_matches_design():
+    m = bebop.mtp_chain_mask(4, 3)
+    assert m.shape == (4, 12)
+    assert m[2, :4].tolist() == [True, True, True, False]       # depth-1 entries of anchors <= t
+    assert m[2, 4:8].tolist() == [False, False, True, False]    # own chain at depth 2
+    assert m[2, 8:].tolist() == [False, False, True, False]     # own chain at depth 3
+
+
+# ----------------------------------------------------------------------------- 3. losses (Eq. 10, 11, 13) and the memory-lean TV
+
+
+def plain_tv(z, p):
+    return 1 - torch.minimum(p, F.softmax(z, -1)).sum(-1)
+
+
+def lean_tv_against_autograd(chunk=5):
+    """Max differences of the memory-lean TV (value, and gradients wrt the logits, the hidden states and
+    the head's weight on the fused path) from plain autograd of the formula, in float64."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(37, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(37, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    p = F.softmax(torch.randn(37, 11, generator=g, dtype=torch.float64) * 2, -1)
+    w = torch.randn(37, generator=g, dtype=torch.float64)
+    worst = 0.0
+    for inputs, lean, ref in (((z,), bebop.tv_distance(z, p, chunk=chunk), plain_tv(z, p)),
+                              ((x, W), bebop.tv_distance(x, p, head_weight=W, chunk=chunk), plain_tv(x @ W.T, p))):
+        worst = max(worst, (lean - ref).abs().max().item())
+        for a, b in zip(torch.autograd.grad((lean * w).sum(), inputs), torch.autograd.grad((ref * w).sum(), inputs)):
+            worst = max(worst, (a - b).abs().max().item())
+    return worst
+
+
+def test_memory_lean_tv_matches_autograd_in_float64():
+    assert lean_tv_against_autograd(chunk=5) < 1e-10      # chunked: 5 rows at a time
+    assert lean_tv_against_autograd(chunk=1000) < 1e-10   # one chunk
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(9, 13, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(13, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    p = F.softmax(torch.randn(9, 13, generator=g, dtype=torch.float64), -1)
+    assert torch.autograd.gradcheck(lambda a: bebop.tv_distance(a, p, chunk=4), (z,))
+    assert torch.autograd.gradcheck(lambda a, b: bebop.tv_distance(a, p, head_weight=b, chunk=4), (x, W))
+    # Prop. 3: |dL/dz_j| <= q_j
+    (grad,) = torch.autograd.grad(bebop.tv_distance(z, p).sum(), z)
+    assert (grad.abs() <= F.softmax(z, -1) + 1e-12).all()
+
+
+def test_packed_bits_round_trip():
+    mask = torch.rand(7, 21, generator=torch.Generator().manual_seed(0)) > 0.5
+    bits = bebop.pack_bits(mask)
+    assert bits.dtype == torch.uint8 and bits.shape == (7, 3)
+    assert torch.equal(bebop.unpack_bits(bits, 21), mask)
+
+
+def test_memory_lean_tv_gradient_check_can_fail(monkeypatch):
+    """A planted error in bebop's own backward (the indicator 1[q > p] flipped) is caught by the same
+    comparison with autograd."""
+    assert lean_tv_against_autograd() < 1e-10
+    unpack = bebop.unpack_bits
+    monkeypatch.setattr(bebop, "unpack_bits", lambda bits, V: ~unpack(bits, V))
+    assert lean_tv_against_autograd() > 1e-3
+
+
+def test_e2e_tv_on_hand_made_chains():
+    # Chain 1: step 1 p=(1,0), q=(.5,.5): d=.5; step 2 p=q: d=0. L = 1 - (.5 + .5*1)/2 = .5
+    # Chain 2: same steps but only step 1 exists (masked prefix): L = 1 - .5/1 = .5
+    # Chain 3: p=q at both steps: L = 0.
+    p = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]] * 2 + [[[0.3, 0.7], [0.9, 0.1]]])
+    q = torch.tensor([[[0.5, 0.5], [0.5, 0.5]]] * 2 + [[[0.3, 0.7], [0.9, 0.1]]])
+    mask = torch.tensor([[True, True], [True, False], [True, True]])
+    loss = bebop.e2e_tv_loss(q.log(), p, mask)
+    torch.testing.assert_close(loss, torch.tensor((0.5 + 0.5 + 0.0) / 3))
+    # random chains against 1 - mean_j prod_{i<=j} (1 - d_i)
+    g = torch.Generator().manual_seed(1)
+    z, pr = torch.randn(4, 5, 7, generator=g), F.softmax(torch.randn(4, 5, 7, generator=g), -1)
+    d = plain_tv(z, pr)
+    expected = (1 - torch.cumprod(1 - d, 1).mean(1)).mean()
+    torch.testing.assert_close(bebop.e2e_tv_loss(z, pr), expected)
+
+
+@pytest.mark.parametrize("kind", bebop.MTP_LOSSES)
+def test_each_mtp_loss_decreases_and_never_reaches_the_backbone(task, kind):
+    model = small_task_model(task)
+    g = torch.Generator().manual_seed(0)
+    seq, lengths = task.sft_batch(16, g)
+    opt = torch.optim.AdamW(model.mtp.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(25):
+        loss = bebop.mtp_training_loss(model, kind, seq, lengths, 3)
+        opt.zero_grad()
+        loss.backward()
+        if not losses:   # the first backward: nothing outside the MTP layer got a gradient
+            outside = [n for n, p in model.named_parameters() if not n.startswith("mtp.") and p.grad is not None]
+            assert outside == [], outside
+            assert all(p.grad is not None for p in model.mtp.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_unknown_mtp_loss_is_refused():
+    with pytest.raises(ValueError, match="unknown MTP loss"):
+        bebop.mtp_loss("mse", torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), None, torch.ones(1, 1))
+
+
+# ----------------------------------------------------------------------------- 4. sampling: rejection_sample
 
 
 def make_case(kind, gamma, V=6, seed=0):
@@ -215,16 +397,70 @@ def test_acceptance_rate_is_eq2_for_rs_and_eq1_for_to(greedy):
     assert max(abs(z) for z in broken) > 10
 
 
+class OpCounter(TorchDispatchMode):
+    """The name of every tensor op dispatched inside the block, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def test_rejection_sample_shapes_and_no_python_loop_over_rows():
+    """Shapes and ranges; and the same ops for 7 rows as for 700 (a loop over rows would add ops per row),
+    which the same count tells apart from a sampler that loops."""
     p, q = make_case("random", 3)
-    B = 7
-    d = torch.multinomial(q, B, replacement=True).T
-    n, tokens = bebop.rejection_sample(p.expand(B, -1, -1), q.expand(B, -1, -1), d)
-    assert n.shape == (B,) and tokens.shape == (B, 4) and n.dtype == torch.long
-    assert ((0 <= n) & (n <= 3)).all()
+    per_row = lambda p, q, d, generator=None: [bebop.rejection_sample(p[i:i + 1], q[i:i + 1], d[i:i + 1], generator)
+                                               for i in range(d.size(0))]
+    ops = {}
+    for name, sampler in (("batched", bebop.rejection_sample), ("looped", per_row)):
+        for B in (7, 700):
+            d = torch.multinomial(q, B, replacement=True, generator=torch.Generator().manual_seed(B)).T
+            with OpCounter() as count:
+                out = sampler(p.expand(B, -1, -1), q.expand(B, -1, -1), d)
+            ops[name, B] = count.ops
+            if name == "batched":
+                n, tokens = out
+                assert n.shape == (B,) and tokens.shape == (B, 4) and n.dtype == torch.long
+                assert ((0 <= n) & (n <= 3)).all()
+    assert ops["batched", 7] == ops["batched", 700]
+    assert len(ops["looped", 700]) > len(ops["looped", 7]), "the op count cannot see a loop over rows"
 
 
-# ----------------------------------------------------------------------------- generation: exactness
+@pytest.mark.parametrize("args,match", [
+    (((2, 4, 6), (2, 3, 6), (2, 2)), r"expected target_probs \(B, gamma\+1, V\) = \(2, 3, V\)"),
+    (((2, 4, 6), (2, 3, 5), (2, 3)), "with one V"),
+    (((2, 4, 6), (2, 3, 6), (2, 3, 1)), r"draft_tokens must be \(B, gamma\) integer ids"),
+])
+def test_rejection_sample_checks_shapes_up_front(args, match):
+    p, q, d = torch.rand(args[0]), torch.rand(args[1]), torch.zeros(args[2], dtype=torch.long)
+    with pytest.raises(ValueError, match=match):
+        bebop.rejection_sample(p, q, d)
+    with pytest.raises(ValueError, match="integer ids"):
+        bebop.rejection_sample(torch.rand(2, 4, 6), torch.rand(2, 3, 6), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="floating point probabilities"):
+        bebop.rejection_sample(torch.ones(2, 4, 6, dtype=torch.long), torch.rand(2, 3, 6), torch.zeros(2, 3).long())
+
+
+def test_check_distributions_and_the_debug_mode(drafted_model, monkeypatch):
+    p = F.softmax(torch.randn(3, 4, 6), -1)
+    bebop.check_distributions(p, "p")
+    for bad in (torch.randn(3, 4, 6), p * 2, torch.zeros(3, 4, 6), p.masked_fill(p > 0.3, float("nan"))):
+        with pytest.raises(ValueError, match="not a probability distribution"):
+            bebop.check_distributions(bad, "p")
+    # Logits passed where probabilities belong are silent without debug, caught with it.
+    original = bebop.probs_from_logits
+    monkeypatch.setattr(bebop, "probs_from_logits", lambda logits, t: logits.float() if logits.size(0) and t else original(logits, t))
+    prompt = torch.tensor([[1, 2, 3]])
+    bebop.speculative_generate(drafted_model, prompt, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="draft_probs row .* is not a probability distribution"):
+        bebop.speculative_generate(drafted_model, prompt, 8, generator=torch.Generator().manual_seed(0), debug=True)
+
+
+# ----------------------------------------------------------------------------- 5. generation: exact sequence laws
 
 
 @pytest.mark.parametrize("where", WHERE)
@@ -238,7 +474,7 @@ def test_speculative_sequence_law_is_exact(exact_model, gamma, draft, temperatur
     model, graphs = decoding_on(where, exact_model, monkeypatch)
     gen = torch.Generator(model.lm_head.weight.device).manual_seed(7)
     out = bebop.speculative_generate(model, prompt.expand(N, -1), n_new, gamma=gamma, draft=draft,
-                                     temperature=temperature, generator=gen, cuda_graphs=graphs)
+                                     temperature=temperature, generator=gen, graphs=graphs)
     stats = out.stats
     assert stats["acceptance"][0] < 0.95, "no rejections: the test would not exercise corrections"
     assert stats["acceptance"][-1] * stats["drafts_reached"][-1] > 100, "no bonus tokens were drawn"
@@ -269,7 +505,7 @@ def test_sequence_law_test_rejects_a_broken_sampler(exact_model, where, monkeypa
     _, law = exact_sequence_law(exact_model, prompt, n_new)
     model, graphs = decoding_on(where, exact_model, monkeypatch)   # fresh static decoders: captures the bug
     monkeypatch.setattr(bebop, "rejection_sample", broken_rejection_sample("resample_from_p"))
-    out = bebop.speculative_generate(model, prompt.expand(N, -1), n_new, gamma=2, cuda_graphs=graphs,
+    out = bebop.speculative_generate(model, prompt.expand(N, -1), n_new, gamma=2, graphs=graphs,
                                      generator=torch.Generator(model.lm_head.weight.device).manual_seed(7))
     assert chi2_pvalue(sequence_counts(out.new_tokens.cpu(), V), law) < P_BROKEN
 
@@ -280,57 +516,12 @@ def test_generate_sequence_law_is_exact(where, monkeypatch):
     prompt = torch.tensor([[2, 2]])
     _, law = exact_sequence_law(tiny_model(), prompt, n_new)
     model, graphs = decoding_on(where, tiny_model(), monkeypatch)
-    out = bebop.generate(model, prompt.expand(N, -1), n_new, cuda_graphs=graphs,
+    out = bebop.generate(model, prompt.expand(N, -1), n_new, graphs=graphs,
                          generator=torch.Generator(model.lm_head.weight.device).manual_seed(3))
     assert chi2_pvalue(sequence_counts(out.new_tokens.cpu(), V), law) > P_MIN
 
 
-# ----------------------------------------------------------------------------- greedy, cache, drafts
-
-
-def train_mtp_briefly(model, steps, n_new=20, prompt_len=3, K=4, seed=0):
-    """Fit the MTP layer to the model's own samples with the KL loss, so that drafts get accepted."""
-    V = model.config.vocab_size
-    opt = torch.optim.AdamW(model.mtp.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        seq = bebop.generate(model, torch.randint(0, V, (32, prompt_len), generator=g), n_new, generator=g).tokens
-        target, draft = model.mtp_logits(seq, K)
-        T = seq.size(1)
-        mask = torch.arange(T)[None, :] + torch.arange(1, K + 1)[:, None] <= T - 1   # (K, T)
-        tgt = torch.stack([F.pad(target[:, k:], (0, 0, 0, k)) for k in range(1, K + 1)], 1)
-        chains = lambda x: x.transpose(1, 2).flatten(0, 1)
-        loss = bebop.mtp_loss("kl", chains(draft), chains(tgt), None, chains(mask.expand(len(seq), -1, -1)))
-        opt.zero_grad(), loss.backward(), opt.step()
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def exact_model():
-    """Peaked random backbone, MTP layer half-trained: rejections, corrections and bonus tokens all occur."""
-    return train_mtp_briefly(tiny_model(sharpen=2.5), 5, n_new=6)
-
-
-@pytest.fixture(scope="module")
-def drafted_model():
-    """A small random backbone whose MTP layer was trained briefly, so that drafts get accepted."""
-    return train_mtp_briefly(tiny_model(seed=1, vocab=8, n_layer=2, n_embd=32, block_size=40, sharpen=3.0), 60)
-
-
-def naive_greedy(model, prompt, n_new, eos=None):
-    seq = prompt.clone()
-    for _ in range(n_new):
-        with torch.no_grad():
-            seq = torch.cat([seq, model(seq[None])[0, -1].argmax()[None]])
-    new = seq[prompt.numel():]
-    if eos is not None:
-        hit = (new == eos).nonzero()
-        if len(hit):
-            new[hit[0, 0] + 1:] = eos
-    return new
-
-
-RAGGED = [torch.tensor([1, 2, 3]), torch.tensor([4]), torch.tensor([5, 6, 7, 0, 2]), torch.tensor([3, 3])]
+# ----------------------------------------------------------------------------- 5. generation: greedy, cache, drafts, statistics
 
 
 @pytest.mark.parametrize("gamma", [1, 2, 3, 4])
@@ -356,27 +547,6 @@ def test_greedy_with_switching_or_auto_draft_length_matches_naive_argmax(drafted
             assert torch.equal(out.new_tokens[b], naive_greedy(drafted_model, prompt, 20, eos=6))
     if gamma != "auto":
         assert set(g for g, n in out.stats["gamma_rounds"].items() if n) == set(gamma)
-
-
-def test_the_draft_length_rule_on_synthetic_costs():
-    """argmax E(gamma)/C(gamma), E from Eq. 12: known optima, gamma = 0 (plain) among them."""
-    c = bebop.DraftLengthChooser(3, alphas=[0.9, 0.9, 0.9])
-    # E = 1, 1.9, 2.71, 3.439; latency-bound costs (a round costs little more than a plain step): longest wins
-    assert c.choose([1.0, 1.1, 1.2, 1.3]) == 3
-    # compute-bound: a round costs (gamma + 1) plain steps plus drafting: plain decoding wins
-    assert c.choose([1.0, 2.2, 3.3, 4.4]) == 0
-    # in between: 1.9/1.5 = 1.27, 2.71/2.0 = 1.355, 3.439/3.0 = 1.15 -> gamma = 2
-    assert c.choose([1.0, 1.5, 2.0, 3.0]) == 2
-    low = bebop.DraftLengthChooser(3, alphas=[0.1, 0.1, 0.1])   # drafts almost never accepted
-    assert low.choose([1.0, 1.1, 1.2, 1.3]) == 0
-    # a large batch whose slowest row sets the pace: half of Eq. 12's drafted part reaches the critical path
-    c.observe_batch("B", 3, longest=1 + 10 * (1 + 0.5 * 2.439), rounds=10)
-    assert c.efficiency["B"] == pytest.approx(0.5)
-    assert c.choose([1.0, 1.5, 2.0, 3.0], c.efficiency["B"]) == 0    # every rate now below plain decoding's
-    c.observe(dict(drafts_accepted=[10, 0, 0], drafts_reached=[20, 0, 0]))   # only depth 1 observed: replaces
-    assert c.alphas == pytest.approx([0.5, 0.9, 0.9])
-    c.observe(dict(drafts_accepted=[15, 8, 0], drafts_reached=[20, 10, 0]))  # then averaged in (weight 0.5)
-    assert c.alphas == pytest.approx([0.625, 0.8, 0.9])
 
 
 def test_a_gamma_zero_round_is_a_plain_step_that_keeps_drafting_resumable(drafted_model):
@@ -446,31 +616,6 @@ def test_decoding_stops_rows_at_their_end_mark(drafted_model):
         ended_early += int(ended.sum())
     assert ended_early > 0, "no row ended before the last round: the check above tested nothing"
     assert trace[-1]["active"].any() and len(trace) == out.stats["rounds"]
-
-@pytest.mark.parametrize("lag", [1, 2])
-def test_idle_steps_after_the_batch_ended_change_nothing(drafted_model, lag, monkeypatch):
-    """On CUDA the host learns that every row is done one step late, so a finished batch runs an idle step.
-    Forcing that lag here: the same tokens, log-probs and stats as reading the flag at once."""
-    prompt, eos = torch.tensor([[1, 2, 3]]).expand(16, -1), 6
-    calls = [(bebop.generate, {}), (bebop.speculative_generate, dict(draft="sample")),
-             (bebop.speculative_generate, dict(draft="greedy"))]
-    at_once = [fn(drafted_model, prompt, 30, eos=eos, generator=torch.Generator().manual_seed(0), **kw)
-               for fn, kw in calls]
-    steps = []
-    real = bebop.repeat_until_done
-
-    def late(step, done, max_steps, lag_=None):
-        def counted():
-            steps.append(bool(done.all()))
-            step()
-        real(counted, done, max_steps, lag=lag)
-    monkeypatch.setattr(bebop, "repeat_until_done", late)
-    for (fn, kw), ref in zip(calls, at_once):
-        steps.clear()
-        out = fn(drafted_model, prompt, 30, eos=eos, generator=torch.Generator().manual_seed(0), **kw)
-        assert steps.count(True) == lag, "the lagged loop ran no idle step: the test proves nothing"
-        assert torch.equal(out.new_tokens, ref.new_tokens) and torch.equal(out.mask, ref.mask)
-        assert torch.equal(out.logprobs, ref.logprobs) and out.stats == ref.stats
 
 
 def hand_count_stats(trace, max_new_tokens, eos, gamma):
@@ -592,7 +737,7 @@ def test_draft_consistency_test_can_fail(drafted_model):
     assert not torch.allclose(rd["draft_logits"][0, 0], draft_logits[0, 0, L - 2], atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- bad input
+# ----------------------------------------------------------------------------- 5. generation: bad input
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
@@ -649,36 +794,6 @@ def test_a_generator_on_another_device_is_refused():
         bebop.generate(tiny_model(), torch.tensor([[1, 2]]), 3, generator=torch.Generator("cuda"))
 
 
-@pytest.mark.parametrize("args,match", [
-    (((2, 4, 6), (2, 3, 6), (2, 2)), r"expected target_probs \(B, gamma\+1, V\) = \(2, 3, V\)"),
-    (((2, 4, 6), (2, 3, 5), (2, 3)), "with one V"),
-    (((2, 4, 6), (2, 3, 6), (2, 3, 1)), r"draft_tokens must be \(B, gamma\) integer ids"),
-])
-def test_rejection_sample_checks_shapes_up_front(args, match):
-    p, q, d = torch.rand(args[0]), torch.rand(args[1]), torch.zeros(args[2], dtype=torch.long)
-    with pytest.raises(ValueError, match=match):
-        bebop.rejection_sample(p, q, d)
-    with pytest.raises(ValueError, match="integer ids"):
-        bebop.rejection_sample(torch.rand(2, 4, 6), torch.rand(2, 3, 6), torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="floating point probabilities"):
-        bebop.rejection_sample(torch.ones(2, 4, 6, dtype=torch.long), torch.rand(2, 3, 6), torch.zeros(2, 3).long())
-
-
-def test_check_distributions_and_the_debug_mode(drafted_model, monkeypatch):
-    p = F.softmax(torch.randn(3, 4, 6), -1)
-    bebop.check_distributions(p, "p")
-    for bad in (torch.randn(3, 4, 6), p * 2, torch.zeros(3, 4, 6), p.masked_fill(p > 0.3, float("nan"))):
-        with pytest.raises(ValueError, match="not a probability distribution"):
-            bebop.check_distributions(bad, "p")
-    # Logits passed where probabilities belong are silent without debug, caught with it.
-    original = bebop.probs_from_logits
-    monkeypatch.setattr(bebop, "probs_from_logits", lambda logits, t: logits.float() if logits.size(0) and t else original(logits, t))
-    prompt = torch.tensor([[1, 2, 3]])
-    bebop.speculative_generate(drafted_model, prompt, 8, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="draft_probs row .* is not a probability distribution"):
-        bebop.speculative_generate(drafted_model, prompt, 8, generator=torch.Generator().manual_seed(0), debug=True)
-
-
 @pytest.mark.parametrize("prompt,n_new,match", [
     (torch.zeros(1, 17, dtype=torch.long), 1, "exceeds block_size"),
     (torch.zeros(1, 10, dtype=torch.long), 5, "exceeds block_size"),
@@ -704,451 +819,7 @@ def test_reproducible_with_a_generator():
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
 
 
-# ----------------------------------------------------------------------------- CUDA graphs, bf16 rollouts
-
-
-@pytest.mark.parametrize("where", ["stand_in", pytest.param("cuda", marks=needs_cuda)])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_graphed_decoding_equals_eager(drafted_model, where, precision, monkeypatch):
-    """Greedy decoding gives identical tokens, log-probs and stats with and without graphs: plain and
-    speculative (RS and TO rules), ragged prompts, with and without EOS, over repeated calls that replay
-    the graph captured by the first, and after the weights change in place (as an optimizer step does).
-    Through the stand-in in fp32 the graphed tokens must also equal a naive argmax loop."""
-    model, _ = decoding_on(where, bebop.rollout_weights(drafted_model, precision), monkeypatch)
-    calls = [(bebop.generate, {}), (bebop.speculative_generate, dict(gamma=3, draft="sample")),
-             (bebop.speculative_generate, dict(gamma=2, draft="greedy"))]
-    kept = []
-    for perturb in (False, True):
-        if perturb:
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.mul_(1.05)
-        for fn, kw in calls:
-            for eos in (None, 3):
-                eager = fn(model, RAGGED, 20, temperature=0, eos=eos, cuda_graphs=False, **kw)
-                if where == "stand_in" and precision == "fp32":   # and the graph path against ground truth
-                    graphed = fn(model, RAGGED, 20, temperature=0, eos=eos, cuda_graphs=True, **kw)
-                    for b, prompt in enumerate(RAGGED):
-                        assert torch.equal(graphed.new_tokens[b], naive_greedy(model, prompt, 20, eos))
-                for _ in range(2):
-                    graphed = fn(model, RAGGED, 20, temperature=0, eos=eos, cuda_graphs=True, **kw)
-                    assert torch.equal(graphed.new_tokens, eager.new_tokens), (fn.__name__, kw, eos, perturb)
-                    torch.testing.assert_close(graphed.logprobs, eager.logprobs, rtol=0, atol=1e-5)
-                    assert graphed.stats == eager.stats
-                    kept.append((graphed, eager))
-    assert any(e.stats.get("accept_length", 1) > 1.5 for _, e in kept), "drafts were hardly accepted"
-    for graphed, eager in kept:   # nothing returned may alias the static buffers a later call reuses
-        assert torch.equal(graphed.new_tokens, eager.new_tokens)
-
-
-@pytest.mark.parametrize("where", ["stand_in", pytest.param("cuda", marks=needs_cuda)])
-def test_graphed_sampling_follows_the_callers_generator(drafted_model, where, monkeypatch):
-    model, _ = decoding_on(where, drafted_model, monkeypatch)
-    dev = model.lm_head.weight.device
-    run = lambda fn, seed: fn(model, RAGGED, 20, cuda_graphs=True, generator=torch.Generator(dev).manual_seed(seed))
-    for fn in (bebop.generate, bebop.speculative_generate):
-        a, b, c = run(fn, 1), run(fn, 1), run(fn, 2)
-        assert torch.equal(a.new_tokens, b.new_tokens) and torch.equal(a.logprobs, b.logprobs)
-        assert not torch.equal(a.new_tokens, c.new_tokens)
-
-
-class GraphHazards(TorchDispatchMode):
-    """Records each op that would break a CUDA graph or make it silently wrong: reading a value back to
-    the host (.item(), int(t), `if t:`, a data-dependent shape such as nonzero or a boolean-mask index),
-    an op tagged unsafe for graphs, and a random draw not taken from the generator handed to the step
-    (a replay would not draw fresh numbers from it). Blind to .tolist() and .cpu() on a CPU tensor."""
-
-    def __init__(self):
-        super().__init__()
-        self.found = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        tags = set(func.tags)
-        integer_index = func is torch.ops.aten.index.Tensor and all(
-            i is None or i.dtype != torch.bool for i in args[1])       # gathers by position: a fixed shape
-        if (torch.Tag.data_dependent_output in tags or torch.Tag.cudagraph_unsafe in tags
-                or (torch.Tag.dynamic_output_shape in tags and not integer_index)):
-            self.found.append(str(func))
-        schema = func._schema.arguments
-        named = ({a.name: a.default_value for a in schema if a.has_default_value()}
-                 | {a.name: v for a, v in zip(schema, args)} | kwargs)
-        random = torch.Tag.nondeterministic_seeded in tags and named.get("dropout_p", 1) > 0  # SDPA: no dropout
-        if random and named.get("generator") is None:
-            self.found.append(f"{func} without the step's generator")
-        return func(*args, **kwargs)
-
-
-def hazards_of_graphed_steps(monkeypatch, decode):
-    """Run decode() through the stand-in with every replayed step watched by GraphHazards."""
-    found, replays = [], []
-
-    def watched(step):
-        def replay():
-            with GraphHazards() as watch:
-                step()
-            found.extend(watch.found)
-            replays.append(1)
-        return replay
-    stand_in_graphs(monkeypatch, watched)
-    decode()
-    assert replays, "no step was replayed"
-    return found
-
-
-@pytest.mark.parametrize("fn,kw", [
-    (bebop.generate, dict(temperature=1.0)),
-    (bebop.generate, dict(temperature=0.0, eos=3)),
-    (bebop.speculative_generate, dict(temperature=1.0, draft="sample", eos=3)),
-    (bebop.speculative_generate, dict(temperature=0.7, draft="greedy")),
-    (bebop.speculative_generate, dict(temperature=0.0, draft="sample", gamma=2)),
-    (bebop.speculative_generate, dict(temperature=1.0, draft="sample", gamma="auto", eos=3)),
-])
-def test_a_decoding_step_never_waits_on_the_host(drafted_model, monkeypatch, fn, kw):
-    """What makes a step capturable, checked op by op on a CPU: no read-back to the host, no
-    data-dependent shape or branch, every random number from the step's own generator."""
-    decode = lambda: fn(drafted_model, RAGGED, 20, cuda_graphs=True, generator=torch.Generator().manual_seed(0), **kw)
-    assert hazards_of_graphed_steps(monkeypatch, decode) == []
-
-
-def test_rounds_of_every_draft_length_never_wait_on_the_host(drafted_model):
-    """gamma 0..5, each round run under the dispatch hook directly (schedules run eagerly; "auto" replays
-    one graph per gamma, checked through the stand-in above)."""
-    B, P = 3, 3
-    caches = bebop.Caches(drafted_model, B, P + 20 + 5)
-    idx, lengths = torch.tensor([[1, 2, 3]] * B), torch.full((B,), P)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        s = bebop.speculative_prefill(drafted_model, caches, idx, lengths, 20, 5, 1.0, g, 3)
-        for gamma in range(6):
-            with GraphHazards() as watch:
-                bebop.speculative_round(drafted_model, caches, s, gamma, 1.0, False, 3, 20, generator=g)
-            assert watch.found == [], (gamma, watch.found)
-
-
-@pytest.mark.parametrize("plant,expected", [
-    (lambda s: s.done.all().item(), "_local_scalar_dense"),
-    (lambda s: 1 if s.done.any() else 0, "_local_scalar_dense"),     # a branch on a tensor's value
-    (lambda s: s.x[s.done], "aten.index.Tensor"),                     # a boolean-mask index
-    (lambda s: (s.tokens == 3).nonzero(), "aten.nonzero"),
-    (lambda s: torch.rand(1), "without the step's generator"),        # the global RNG
-    (lambda s: F.one_hot(s.x, 8), "_local_scalar_dense"),             # checks its ids on the host off CUDA
-])
-def test_the_host_wait_check_can_fail(drafted_model, monkeypatch, plant, expected):
-    real = bebop.plain_step
-
-    def planted(model, caches, s, *args, **kwargs):
-        real(model, caches, s, *args, **kwargs)
-        plant(s)
-    monkeypatch.setattr(bebop, "plain_step", planted)
-    found = hazards_of_graphed_steps(monkeypatch, lambda: bebop.generate(drafted_model, RAGGED, 20, cuda_graphs=True))
-    assert any(expected in f for f in found), found
-
-
-def test_static_decoders_capture_once_per_shape_and_follow_the_weights(drafted_model, monkeypatch):
-    captures = stand_in_graphs(monkeypatch)
-    model = copy.deepcopy(drafted_model)
-    prompts = lambda B: torch.tensor([[1, 2, 3]]).expand(B, -1)
-    for B in (1, 2, 1, 2):
-        bebop.speculative_generate(model, prompts(B), 10, cuda_graphs=True)
-    assert len(captures) == 2
-    bebop.generate(model, prompts(1), 10, cuda_graphs=True)
-    bebop.speculative_generate(model, prompts(1), 10, temperature=0.5, cuda_graphs=True)
-    assert len(captures) == 4
-    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())   # new storage
-    bebop.speculative_generate(model, prompts(1), 10, cuda_graphs=True)
-    assert len(captures) == 5, "a graph over the old weights was replayed"
-    monkeypatch.setattr(bebop, "MAX_STATIC_DECODERS", 2)     # memory bound: the oldest shape is dropped
-    for B in (2, 3, 1):
-        bebop.speculative_generate(model, prompts(B), 10, cuda_graphs=True)
-    assert len(captures) == 8
-
-
-def test_a_graphed_step_that_rebinds_its_state_is_refused(drafted_model, monkeypatch):
-    stand_in_graphs(monkeypatch)
-    real = bebop.plain_step
-
-    def rebinding(model, caches, s, *args, **kwargs):
-        real(model, caches, s, *args, **kwargs)
-        s.x = s.x.clone()   # a new tensor: a graph would go on writing the old one
-    monkeypatch.setattr(bebop, "plain_step", rebinding)
-    with pytest.raises(RuntimeError, match="in place.*'x'"):
-        bebop.generate(drafted_model, RAGGED, 5, cuda_graphs=True)
-
-
-def test_a_failed_capture_falls_back_to_eager_unless_graphs_were_insisted_on(drafted_model, monkeypatch):
-    stand_in_graphs(monkeypatch)
-
-    def failing(step, tensors, generator):
-        bebop.warm_up(step, tensors, generator)
-        raise RuntimeError("operation not permitted when stream is capturing")
-    monkeypatch.setattr(bebop, "capture_cuda_graph", failing)
-    eager = bebop.speculative_generate(drafted_model, RAGGED, 20, temperature=0, cuda_graphs=False)
-    with pytest.warns(UserWarning, match="capture failed"):
-        auto = bebop.speculative_generate(drafted_model, RAGGED, 20, temperature=0)
-    again = bebop.speculative_generate(drafted_model, RAGGED, 20, temperature=0)   # no second capture
-    assert torch.equal(auto.new_tokens, eager.new_tokens) and torch.equal(again.new_tokens, eager.new_tokens)
-    with pytest.raises(RuntimeError, match="stream is capturing"):
-        bebop.generate(drafted_model, RAGGED, 20, cuda_graphs=True)
-
-
-def test_cuda_graphs_are_refused_where_they_cannot_run(drafted_model):
-    with pytest.raises(ValueError, match="needs a model on a CUDA device"):
-        bebop.generate(drafted_model, RAGGED, 5, cuda_graphs=True)     # a CPU model, on any machine
-    with pytest.raises(ValueError, match="trace records every round eagerly"):
-        bebop.speculative_generate(drafted_model, RAGGED, 5, trace=[], cuda_graphs=True)
-
-
-def test_bf16_rollout_weights_track_the_trainer_in_place(drafted_model):
-    model = copy.deepcopy(drafted_model)
-    assert bebop.rollout_weights(model, "fp32") is model
-    policy = bebop.rollout_weights(model, "bf16")
-    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in policy.parameters())
-    assert policy.rope_cos.dtype == torch.float32, "rotary tables must stay float32"
-    where = [p.data_ptr() for p in policy.parameters()]
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1.05)
-    bebop.refresh_rollout_weights(policy, model)
-    assert [p.data_ptr() for p in policy.parameters()] == where, "refreshing moved the weights: graphs would break"
-    assert all(torch.equal(q, p.to(torch.bfloat16)) for q, p in zip(policy.parameters(), model.parameters()))
-    out = bebop.speculative_generate(policy, RAGGED, 20, temperature=0)
-    ref = bebop.speculative_generate(model, RAGGED, 20, temperature=0)
-    assert out.logprobs.dtype == torch.float32
-    assert (out.new_tokens == ref.new_tokens).float().mean() > 0.8
-    assert out.stats["accept_length"] > 1.5
-
-
-def test_bf16_training_runs_end_to_end(tmp_path, monkeypatch):
-    """--precision bf16 (the CUDA default) on a CPU: autocast in SFT, MTP training (memory-lean TV under
-    autocast) and GRPO, rollouts on the refreshed bf16 copy."""
-    used = []
-    real = bebop.rollout
-
-    def spy(model, *args, **kwargs):
-        used.append([p.detach().clone() for p in model.parameters()])
-        return real(model, *args, **kwargs)
-    monkeypatch.setattr(bebop, "rollout", spy)
-    _, summary = bebop.train(bebop.parse_args(TINY_RUN + ["--precision", "bf16", "--out", str(tmp_path)]))
-    assert all(p.dtype == torch.bfloat16 for p in used[0])
-    assert not all(torch.equal(a, b) for a, b in zip(used[0], used[-1])), "rollouts never saw the updated policy"
-    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    sft = [e["loss"] for e in log if e["stage"] == "sft"]
-    assert all(math.isfinite(e["loss"]) for e in log)
-    assert sft[-1] < sft[0] - 0.3
-    assert summary["accept_length"] > 1.5 and math.isfinite(summary["reward_after"])
-
-
-def test_bench_writes_the_table(tmp_path):
-    result = bebop.main(["--bench", "--preset", "tiny", "--sft-steps", "5", "--mtp-steps", "5", "--rl-prompts", "2",
-                         "--group-size", "4", "--out", str(tmp_path)])
-    rows = json.load(open(tmp_path / "bench.json"))
-    batches = (1, 4, 16, 8)
-    decoding = [r for r in rows if r["mode"] in ("plain", "spec")]
-    assert {(r["mode"], r.get("gamma"), r["batch"]) for r in decoding} == {
-        (m, g, B) for B in batches for m, g in [("plain", None)] + [("spec", g) for g in (1, 2, 3, 4, 5, "auto")]}
-    for r in decoding:
-        assert r["cuda_graphs"] is False and r["tokens_per_s"] > 0
-        assert r["accept_length"] == 1.0 if r["mode"] == "plain" else r["accept_length"] >= 1.0
-        if r.get("gamma") == "auto":
-            assert r["chosen"] in range(6) and r["auto_over_best"] > 0
-    assert any(r["accept_length"] > 1 for r in decoding if r["mode"] == "spec")
-    for r in (r for r in rows if r["mode"] == "pieces"):
-        assert r["t_spec_step"] > r["t_verify"] > 0 and 0 < r["achieved_over_ideal"]
-        assert r["launches_spec_step"] > r["launches_plain"] > 0
-    assert {r["rollout"] for r in rows if r["mode"] == "grpo_step"} == {"plain", "spec", "auto"}
-    assert all(r["seconds"] > 0 for r in rows if r["mode"] == "grpo_step")
-    tv = result["tv_loss"]
-    assert tv["lean_tv"]["peak_mb"] < tv["plain_tv"]["peak_mb"] / 2
-    assert tv["lean_e2e"]["peak_mb"] < tv["plain_e2e"]["peak_mb"] / 2
-
-
-# ----------------------------------------------------------------------------- MTP losses (Eq. 10, 11, 13)
-
-
-def plain_tv(z, p):
-    return 1 - torch.minimum(p, F.softmax(z, -1)).sum(-1)
-
-
-def lean_tv_against_autograd(chunk=5):
-    """Max differences of the memory-lean TV (value, and gradients wrt the logits, the hidden states and
-    the head's weight on the fused path) from plain autograd of the formula, in float64."""
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(37, 11, generator=g, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(37, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    p = F.softmax(torch.randn(37, 11, generator=g, dtype=torch.float64) * 2, -1)
-    w = torch.randn(37, generator=g, dtype=torch.float64)
-    worst = 0.0
-    for inputs, lean, ref in (((z,), bebop.tv_distance(z, p, chunk=chunk), plain_tv(z, p)),
-                              ((x, W), bebop.tv_distance(x, p, head_weight=W, chunk=chunk), plain_tv(x @ W.T, p))):
-        worst = max(worst, (lean - ref).abs().max().item())
-        for a, b in zip(torch.autograd.grad((lean * w).sum(), inputs), torch.autograd.grad((ref * w).sum(), inputs)):
-            worst = max(worst, (a - b).abs().max().item())
-    return worst
-
-
-def test_memory_lean_tv_matches_autograd_in_float64():
-    assert lean_tv_against_autograd(chunk=5) < 1e-10      # chunked: 5 rows at a time
-    assert lean_tv_against_autograd(chunk=1000) < 1e-10   # one chunk
-    g = torch.Generator().manual_seed(1)
-    z = torch.randn(9, 13, generator=g, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(13, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    p = F.softmax(torch.randn(9, 13, generator=g, dtype=torch.float64), -1)
-    assert torch.autograd.gradcheck(lambda a: bebop.tv_distance(a, p, chunk=4), (z,))
-    assert torch.autograd.gradcheck(lambda a, b: bebop.tv_distance(a, p, head_weight=b, chunk=4), (x, W))
-    # Prop. 3: |dL/dz_j| <= q_j
-    (grad,) = torch.autograd.grad(bebop.tv_distance(z, p).sum(), z)
-    assert (grad.abs() <= F.softmax(z, -1) + 1e-12).all()
-
-
-def test_packed_bits_round_trip():
-    mask = torch.rand(7, 21, generator=torch.Generator().manual_seed(0)) > 0.5
-    bits = bebop.pack_bits(mask)
-    assert bits.dtype == torch.uint8 and bits.shape == (7, 3)
-    assert torch.equal(bebop.unpack_bits(bits, 21), mask)
-
-
-def test_memory_lean_tv_gradient_check_can_fail(monkeypatch):
-    """A planted error in bebop's own backward (the indicator 1[q > p] flipped) is caught by the same
-    comparison with autograd."""
-    assert lean_tv_against_autograd() < 1e-10
-    unpack = bebop.unpack_bits
-    monkeypatch.setattr(bebop, "unpack_bits", lambda bits, V: ~unpack(bits, V))
-    assert lean_tv_against_autograd() > 1e-3
-
-
-def test_memory_lean_tv_peak_is_at_most_half_of_plain_autograd():
-    """App. F, measured: peak memory of forward + backward of head matmul + loss, each variant in its own
-    process (peak RSS above a baseline taken once the inputs exist), for per-step and e2e TV."""
-    mem = bebop.tv_memory_benchmark("cpu", rows=384, vocab=32768, hidden=256)
-    logits_mb = 384 * 32768 * 4 / 2**20
-    for loss in ("tv", "e2e"):
-        plain, lean = mem[f"plain_{loss}"], mem[f"lean_{loss}"]
-        assert plain["floor_mb"] < 0.5 * logits_mb and lean["floor_mb"] < 0.5 * logits_mb
-        assert plain["peak_mb"] >= 1.5 * logits_mb, plain     # the harness sees autograd keep logits-sized tensors
-        assert lean["peak_mb"] <= 0.5 * plain["peak_mb"], (lean, plain)
-
-
-def test_e2e_tv_on_hand_made_chains():
-    # Chain 1: step 1 p=(1,0), q=(.5,.5): d=.5; step 2 p=q: d=0. L = 1 - (.5 + .5*1)/2 = .5
-    # Chain 2: same steps but only step 1 exists (masked prefix): L = 1 - .5/1 = .5
-    # Chain 3: p=q at both steps: L = 0.
-    p = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]] * 2 + [[[0.3, 0.7], [0.9, 0.1]]])
-    q = torch.tensor([[[0.5, 0.5], [0.5, 0.5]]] * 2 + [[[0.3, 0.7], [0.9, 0.1]]])
-    mask = torch.tensor([[True, True], [True, False], [True, True]])
-    loss = bebop.e2e_tv_loss(q.log(), p, mask)
-    torch.testing.assert_close(loss, torch.tensor((0.5 + 0.5 + 0.0) / 3))
-    # random chains against 1 - mean_j prod_{i<=j} (1 - d_i)
-    g = torch.Generator().manual_seed(1)
-    z, pr = torch.randn(4, 5, 7, generator=g), F.softmax(torch.randn(4, 5, 7, generator=g), -1)
-    d = plain_tv(z, pr)
-    expected = (1 - torch.cumprod(1 - d, 1).mean(1)).mean()
-    torch.testing.assert_close(bebop.e2e_tv_loss(z, pr), expected)
-
-
-def test_mtp_chain_mask_matches_design():
-    m = bebop.mtp_chain_mask(4, 3)
-    assert m.shape == (4, 12)
-    assert m[2, :4].tolist() == [True, True, True, False]       # depth-1 entries of anchors <= t
-    assert m[2, 4:8].tolist() == [False, False, True, False]    # own chain at depth 2
-    assert m[2, 8:].tolist() == [False, False, True, False]     # own chain at depth 3
-
-
-@pytest.fixture(scope="module")
-def task():
-    return bebop.DigitSumTask()
-
-
-def small_task_model(task, seed=0):
-    torch.manual_seed(seed)
-    cfg = bebop.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=task.seq_len + 5)
-    return bebop.GPT(cfg)
-
-
-@pytest.mark.parametrize("kind", bebop.MTP_LOSSES)
-def test_each_mtp_loss_decreases_and_never_reaches_the_backbone(task, kind):
-    model = small_task_model(task)
-    g = torch.Generator().manual_seed(0)
-    seq, lengths = task.sft_batch(16, g)
-    opt = torch.optim.AdamW(model.mtp.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(25):
-        loss = bebop.mtp_training_loss(model, kind, seq, lengths, 3)
-        opt.zero_grad()
-        loss.backward()
-        if not losses:   # the first backward: nothing outside the MTP layer got a gradient
-            outside = [n for n, p in model.named_parameters() if not n.startswith("mtp.") and p.grad is not None]
-            assert outside == [], outside
-            assert all(p.grad is not None for p in model.mtp.parameters())
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.9 * losses[0], losses
-
-
-def test_unknown_mtp_loss_is_refused():
-    with pytest.raises(ValueError, match="unknown MTP loss"):
-        bebop.mtp_loss("mse", torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), None, torch.ones(1, 1))
-
-
-# ----------------------------------------------------------------------------- measures of the experiments
-
-
-def test_fit_line_recovers_a_planted_slope_with_an_honest_interval():
-    g = torch.Generator().manual_seed(0)
-    covered = 0
-    for trial in range(200):
-        x = torch.rand(40, generator=g, dtype=torch.float64)
-        y = 3.0 - 1.68 * x + 0.05 * torch.randn(40, generator=g, dtype=torch.float64)
-        fit = bebop.fit_line(x.tolist(), y.tolist())
-        covered += fit["ci"][0] <= -1.68 <= fit["ci"][1]
-    assert abs(fit["slope"] + 1.68) < 0.1 and abs(fit["intercept"] - 3.0) < 0.1
-    assert 0.90 <= covered / 200 <= 0.99, covered       # a 95% interval covers the truth about 95% of the time
-
-
-def test_decompose_splits_a_planted_series():
-    """alpha = 0.9 - 0.5 (H - H_0) + drift: the entropy term carries the planted slope, the residual the drift."""
-    H = [1.0 + 0.01 * t for t in range(60)]
-    drift = [-0.001 * max(0, t - 20) for t in range(60)]            # starts after the early phase
-    alpha = [0.9 - 0.5 * (h - 1.0) + d for h, d in zip(H, drift)]
-    d = bebop.decompose(H, alpha)
-    assert d["b"] == pytest.approx(-0.5, abs=1e-9)
-    H0 = sum(H[:5]) / 5
-    assert d["entropy_term"][-1] == pytest.approx(-0.5 * (H[-1] - H0), abs=1e-9)
-    assert d["residual"][-1] == pytest.approx(drift[-1] - sum(drift[:5]) / 5, abs=1e-9)
-    assert all(abs(a - b - c) < 1e-12 for a, b, c in zip(d["delta"], d["entropy_term"], d["residual"]))
-
-
-def test_teacher_forced_acceptance_of_a_head_equal_to_the_policy_is_one(drafted_model, monkeypatch):
-    """Draft rows equal to the target rows they are compared with give acceptance exactly 1 at every depth;
-    a head shifted by one position does not (the alignment is what is tested)."""
-    seq = bebop.generate(drafted_model, torch.randint(0, 8, (6, 9), generator=torch.Generator().manual_seed(0)), 20,
-                         generator=torch.Generator().manual_seed(1))
-    real = drafted_model.mtp_logits
-    def perfect(idx, n, backbone=None, shift=0):
-        target, _ = real(idx, n)
-        T = idx.size(1)
-        rows = [target[:, (torch.arange(T) + k + shift).clamp(max=T - 1)] for k in range(1, n + 1)]
-        return target, torch.stack(rows, 1)
-    tokens, mask = seq.tokens, torch.ones_like(seq.new_tokens, dtype=torch.bool)
-    monkeypatch.setattr(bebop, "PROMPT_LEN", 9)
-    monkeypatch.setattr(drafted_model, "mtp_logits", perfect)
-    tok = bebop.teacher_forced_acceptance(drafted_model, tokens, mask, 3)
-    assert tok["valid"].sum() > 100
-    assert bebop.per_depth(tok["rs"], tok["valid"]) == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)
-    assert bebop.tokens_per_forward([1.0, 1.0, 1.0]) == 4.0
-    monkeypatch.setattr(drafted_model, "mtp_logits", lambda idx, n, backbone=None: perfect(idx, n, shift=1))
-    tok = bebop.teacher_forced_acceptance(drafted_model, tokens, mask, 3)
-    assert max(bebop.per_depth(tok["rs"], tok["valid"])) < 0.95
-
-
-def test_eq12_and_ranking_with_ties():
-    assert bebop.tokens_per_forward([0.8] * 4) == pytest.approx(3.3616)      # PAPER's example
-    assert bebop.rank_with_ties({"a": (3.7, 0.01), "b": (3.69, 0.02), "c": (3.3, 0.05)}) == "a ~ b > c"
-
-
-# ----------------------------------------------------------------------------- toy task and GRPO
+# ----------------------------------------------------------------------------- 6-7. toy task and the RL algorithm; pieces that lift out
 
 
 def test_reward_on_hand_written_answers(task):
@@ -1259,16 +930,372 @@ def test_grpo_raises_held_out_reward(sft_policy, task, tmp_path):
     assert len(log) == 40 and all(0 <= m["reward"] <= 1 and len(m["acceptance"]) == 3 for m in log)
 
 
-# ----------------------------------------------------------------------------- checkpoints, resume, ranks
+# Each piece a reader may copy into another project, with the only bebop helpers it needs (module constants
+# it reads are copied as values). The test runs them in a namespace holding nothing but torch, F and math.
+LIFTABLE = {
+    "rejection_sample": ["sample", "rejection_sample"],
+    "tv_distance": ["pack_bits", "unpack_bits", "logits_of", "TVDistance", "tv_distance"],
+    "e2e_tv_loss": ["pack_bits", "unpack_bits", "logits_of", "TVDistance", "tv_distance", "e2e_tv_loss"],
+    "mtp_loss": ["pack_bits", "unpack_bits", "logits_of", "TVDistance", "tv_distance", "e2e_tv_loss", "MTP_LOSSES",
+                 "mtp_loss"],
+    "group_advantages": ["group_advantages"],
+    "grpo_loss": ["grpo_loss"],
+    "mtp_chain_targets": ["mtp_chain_targets"],
+    "answer_mask": ["answer_mask"],
+}
 
-# A fixed draft length: with "auto" the draft lengths, hence the random streams, follow measured timings, so two
-# runs are exact but not bit-identical (test_resume_with_auto_draft_length covers auto with fixed costs).
-TINY_RUN = ["--preset", "tiny", "--sft-steps", "20", "--mtp-steps", "8", "--rl-steps", "6", "--rl-prompts", "4",
-            "--group-size", "4", "--gamma", "3"]
+
+def test_each_piece_lifts_out_with_only_its_helpers():
+    """Copy the source of each liftable piece and its helpers (nothing else of bebop) into a fresh namespace:
+    it runs and returns what bebop's own returns, gradients included."""
+    import inspect
+    g = torch.Generator().manual_seed(0)
+    N, K, V, C = 6, 3, 11, 4
+    probs = lambda *shape: F.softmax(torch.randn(*shape, generator=g), -1)
+    x = torch.randn(N, K, C, generator=g, dtype=torch.float64)
+    W = torch.randn(V, C, generator=g, dtype=torch.float64)
+    p, mask = probs(N, K, V).double(), torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]] * 2, dtype=torch.bool)
+    logits, labels = torch.randn(N, K, V, generator=g), torch.randint(0, V, (N, K), generator=g)
+    seq, lengths = torch.randint(0, V, (3, 9), generator=g), torch.tensor([9, 7, 5])
+    calls = {
+        "rejection_sample": lambda ns: ns["rejection_sample"](probs(5, 4, V), probs(5, 3, V), torch.randint(0, V, (5, 3), generator=g),
+                                                            torch.Generator().manual_seed(1)),
+        "tv_distance": lambda ns: torch.autograd.grad(ns["tv_distance"](x.requires_grad_(), p, W, chunk=4).sum(), x),
+        "e2e_tv_loss": lambda ns: torch.autograd.grad(ns["e2e_tv_loss"](x.requires_grad_(), p, mask, W), x),
+        "mtp_loss": lambda ns: [ns["mtp_loss"](kind, logits, logits.roll(1, -1), labels, mask) for kind in ns["MTP_LOSSES"]],
+        "group_advantages": lambda ns: ns["group_advantages"](torch.rand(12, generator=g), 4),
+        "grpo_loss": lambda ns: ns["grpo_loss"](torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g),
+                                                torch.randn(4, generator=g), torch.ones(4, 5, dtype=torch.bool),
+                                                entropy_coef=0.1, entropy=torch.rand(4, 5, generator=g)),
+        "mtp_chain_targets": lambda ns: ns["mtp_chain_targets"](seq, lengths, torch.randn(3, 9, V, generator=g),
+                                                                torch.randn(3, K, 9, V, generator=g), 3),
+        "answer_mask": lambda ns: ns["answer_mask"](lengths, 8, 3),
+    }
+    for piece, helpers in LIFTABLE.items():
+        source = "\n\n".join(f"{h} = {getattr(bebop, h)!r}" if not callable(getattr(bebop, h))
+                             else inspect.getsource(getattr(bebop, h)) for h in helpers)
+        namespace = {"torch": torch, "F": F, "math": math}
+        exec(compile(source, f"<lifted {piece}>", "exec"), namespace)
+        state = g.get_state()
+        lifted = calls[piece](namespace)
+        g.set_state(state)
+        own = calls[piece](vars(bebop))
+        for a, b in zip(torch.utils._pytree.tree_leaves(lifted), torch.utils._pytree.tree_leaves(own)):
+            assert torch.equal(a, b), piece
 
 
-def states_equal(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+# ----------------------------------------------------------------------------- 8. CUDA graphs
+
+
+@pytest.mark.parametrize("where", ["stand_in", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_graphed_decoding_equals_eager(drafted_model, where, precision, monkeypatch):
+    """Greedy decoding gives identical tokens, log-probs and stats with and without graphs: plain and
+    speculative (RS and TO rules), ragged prompts, with and without EOS, over repeated calls that replay
+    the graph captured by the first, and after the weights change in place (as an optimizer step does).
+    Through the stand-in in fp32 the graphed tokens must also equal a naive argmax loop."""
+    model, graphs = decoding_on(where, bebop.rollout_weights(drafted_model, precision), monkeypatch)
+    calls = [(bebop.generate, {}), (bebop.speculative_generate, dict(gamma=3, draft="sample")),
+             (bebop.speculative_generate, dict(gamma=2, draft="greedy"))]
+    kept = []
+    for perturb in (False, True):
+        if perturb:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1.05)
+        for fn, kw in calls:
+            for eos in (None, 3):
+                eager = fn(model, RAGGED, 20, temperature=0, eos=eos, **kw)
+                if where == "stand_in" and precision == "fp32":   # and the graph path against ground truth
+                    graphed = fn(model, RAGGED, 20, temperature=0, eos=eos, graphs=graphs, **kw)
+                    for b, prompt in enumerate(RAGGED):
+                        assert torch.equal(graphed.new_tokens[b], naive_greedy(model, prompt, 20, eos))
+                for _ in range(2):
+                    graphed = fn(model, RAGGED, 20, temperature=0, eos=eos, graphs=graphs, **kw)
+                    assert torch.equal(graphed.new_tokens, eager.new_tokens), (fn.__name__, kw, eos, perturb)
+                    torch.testing.assert_close(graphed.logprobs, eager.logprobs, rtol=0, atol=1e-5)
+                    assert graphed.stats == eager.stats
+                    kept.append((graphed, eager))
+    assert any(e.stats.get("accept_length", 1) > 1.5 for _, e in kept), "drafts were hardly accepted"
+    for graphed, eager in kept:   # nothing returned may alias the static buffers a later call reuses
+        assert torch.equal(graphed.new_tokens, eager.new_tokens)
+
+
+@pytest.mark.parametrize("where", ["stand_in", pytest.param("cuda", marks=needs_cuda)])
+def test_graphed_sampling_follows_the_callers_generator(drafted_model, where, monkeypatch):
+    model, graphs = decoding_on(where, drafted_model, monkeypatch)
+    dev = model.lm_head.weight.device
+    run = lambda fn, seed: fn(model, RAGGED, 20, graphs=graphs, generator=torch.Generator(dev).manual_seed(seed))
+    for fn in (bebop.generate, bebop.speculative_generate):
+        a, b, c = run(fn, 1), run(fn, 1), run(fn, 2)
+        assert torch.equal(a.new_tokens, b.new_tokens) and torch.equal(a.logprobs, b.logprobs)
+        assert not torch.equal(a.new_tokens, c.new_tokens)
+
+
+@pytest.mark.parametrize("lag", [1, 2])
+def test_idle_steps_after_the_batch_ended_change_nothing(drafted_model, lag, monkeypatch):
+    """With CUDA graphs the host learns that every row is done one step late, so a finished batch runs an
+    idle step. Forcing that lag through the stand-in: the same tokens, log-probs and stats as reading the
+    flag at once (lag 0, same static decoder path and so the same random stream)."""
+    prompt, eos = torch.tensor([[1, 2, 3]]).expand(16, -1), 6
+    calls = [(bebop.generate, {}), (bebop.speculative_generate, dict(draft="sample")),
+             (bebop.speculative_generate, dict(draft="greedy"))]
+    stand_in_graphs(monkeypatch)
+    at_once = [fn(drafted_model, prompt, 30, eos=eos, generator=torch.Generator().manual_seed(0),
+                  graphs=bebop.CudaGraphs(drafted_model, lag=0), **kw) for fn, kw in calls]
+    steps, real = [], bebop.repeat_until_done
+
+    def watched(step, done, max_steps, lag_):
+        def counted_step():
+            steps.append(bool(done.all()))
+            step()
+        real(counted_step, done, max_steps, lag_)
+    monkeypatch.setattr(bebop, "repeat_until_done", watched)
+    for (fn, kw), ref in zip(calls, at_once):
+        steps.clear()
+        out = fn(drafted_model, prompt, 30, eos=eos, generator=torch.Generator().manual_seed(0),
+                 graphs=bebop.CudaGraphs(drafted_model, lag=lag), **kw)
+        assert steps.count(True) == lag, "the lagged loop ran no idle step: the test proves nothing"
+        assert torch.equal(out.new_tokens, ref.new_tokens) and torch.equal(out.mask, ref.mask)
+        assert torch.equal(out.logprobs, ref.logprobs) and out.stats == ref.stats
+
+
+class GraphHazards(TorchDispatchMode):
+    """Records each op that would break a CUDA graph or make it silently wrong: reading a value back to
+    the host (.item(), int(t), `if t:`, a data-dependent shape such as nonzero or a boolean-mask index),
+    an op tagged unsafe for graphs, and a random draw not taken from the generator handed to the step
+    (a replay would not draw fresh numbers from it). Blind to .tolist() and .cpu() on a CPU tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tags = set(func.tags)
+        integer_index = func is torch.ops.aten.index.Tensor and all(
+            i is None or i.dtype != torch.bool for i in args[1])       # gathers by position: a fixed shape
+        if (torch.Tag.data_dependent_output in tags or torch.Tag.cudagraph_unsafe in tags
+                or (torch.Tag.dynamic_output_shape in tags and not integer_index)):
+            self.found.append(str(func))
+        schema = func._schema.arguments
+        named = ({a.name: a.default_value for a in schema if a.has_default_value()}
+                 | {a.name: v for a, v in zip(schema, args)} | kwargs)
+        random = torch.Tag.nondeterministic_seeded in tags and named.get("dropout_p", 1) > 0  # SDPA: no dropout
+        if random and named.get("generator") is None:
+            self.found.append(f"{func} without the step's generator")
+        return func(*args, **kwargs)
+
+
+def hazards_of_graphed_steps(monkeypatch, model, decode):
+    """Run decode(graphs) through the stand-in, graphs a CudaGraphs of model, with every replayed step
+    watched by GraphHazards."""
+    found, replays = [], []
+
+    def watched(step):
+        def replay():
+            with GraphHazards() as watch:
+                step()
+            found.extend(watch.found)
+            replays.append(1)
+        return replay
+    stand_in_graphs(monkeypatch, watched)
+    decode(bebop.CudaGraphs(model, strict=True))
+    assert replays, "no step was replayed"
+    return found
+
+
+@pytest.mark.parametrize("fn,kw", [
+    (bebop.generate, dict(temperature=1.0)),
+    (bebop.generate, dict(temperature=0.0, eos=3)),
+    (bebop.speculative_generate, dict(temperature=1.0, draft="sample", eos=3)),
+    (bebop.speculative_generate, dict(temperature=0.7, draft="greedy")),
+    (bebop.speculative_generate, dict(temperature=0.0, draft="sample", gamma=2)),
+    (bebop.speculative_generate, dict(temperature=1.0, draft="sample", gamma="auto", eos=3)),
+])
+def test_a_decoding_step_never_waits_on_the_host(drafted_model, monkeypatch, fn, kw):
+    """What makes a step capturable, checked op by op on a CPU: no read-back to the host, no
+    data-dependent shape or branch, every random number from the step's own generator."""
+    decode = lambda graphs: fn(drafted_model, RAGGED, 20, graphs=graphs, generator=torch.Generator().manual_seed(0), **kw)
+    assert hazards_of_graphed_steps(monkeypatch, drafted_model, decode) == []
+
+
+def test_rounds_of_every_draft_length_never_wait_on_the_host(drafted_model):
+    """gamma 0..5, each round run under the dispatch hook directly (schedules run eagerly; "auto" replays
+    one graph per gamma, checked through the stand-in above)."""
+    B, P = 3, 3
+    caches = bebop.Caches(drafted_model, B, P + 20 + 5)
+    idx, lengths = torch.tensor([[1, 2, 3]] * B), torch.full((B,), P)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        s = bebop.speculative_prefill(drafted_model, caches, idx, lengths, 20, 5, 1.0, g, 3)
+        for gamma in range(6):
+            with GraphHazards() as watch:
+                bebop.speculative_round(drafted_model, caches, s, gamma, 1.0, False, 3, 20, generator=g)
+            assert watch.found == [], (gamma, watch.found)
+
+
+@pytest.mark.parametrize("plant,expected", [
+    (lambda s: s.done.all().item(), "_local_scalar_dense"),
+    (lambda s: 1 if s.done.any() else 0, "_local_scalar_dense"),     # a branch on a tensor's value
+    (lambda s: s.x[s.done], "aten.index.Tensor"),                     # a boolean-mask index
+    (lambda s: (s.tokens == 3).nonzero(), "aten.nonzero"),
+    (lambda s: torch.rand(1), "without the step's generator"),        # the global RNG
+    (lambda s: F.one_hot(s.x, 8), "_local_scalar_dense"),             # checks its ids on the host off CUDA
+])
+def test_the_host_wait_check_can_fail(drafted_model, monkeypatch, plant, expected):
+    real = bebop.plain_step
+
+    def planted(model, caches, s, *args, **kwargs):
+        real(model, caches, s, *args, **kwargs)
+        plant(s)
+    monkeypatch.setattr(bebop, "plain_step", planted)
+    found = hazards_of_graphed_steps(monkeypatch, drafted_model,
+                                     lambda graphs: bebop.generate(drafted_model, RAGGED, 20, graphs=graphs))
+    assert any(expected in f for f in found), found
+
+
+def test_static_decoders_capture_once_per_shape_and_follow_the_weights(drafted_model, monkeypatch):
+    captures = stand_in_graphs(monkeypatch)
+    model = copy.deepcopy(drafted_model)
+    graphs = bebop.CudaGraphs(model, strict=True)
+    prompts = lambda B: torch.tensor([[1, 2, 3]]).expand(B, -1)
+    for B in (1, 2, 1, 2):
+        bebop.speculative_generate(model, prompts(B), 10, graphs=graphs)
+    assert len(captures) == 2
+    bebop.generate(model, prompts(1), 10, graphs=graphs)
+    bebop.speculative_generate(model, prompts(1), 10, temperature=0.5, graphs=graphs)
+    assert len(captures) == 4
+    bebop.speculative_generate(model, prompts(1), 10, graphs=bebop.CudaGraphs(model))   # another owner: its own
+    assert len(captures) == 5
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())   # new storage
+    bebop.speculative_generate(model, prompts(1), 10, graphs=graphs)
+    assert len(captures) == 6, "a graph over the old weights was replayed"
+    graphs.max_shapes = 2                                    # memory bound: the oldest shape is dropped
+    for B in (2, 3, 1):
+        bebop.speculative_generate(model, prompts(B), 10, graphs=graphs)
+    assert len(captures) == 9
+    with pytest.raises(ValueError, match="CudaGraphs made for this model"):
+        bebop.generate(drafted_model, prompts(1), 10, graphs=graphs)   # another model's graphs
+
+
+def test_a_graphed_step_that_rebinds_its_state_is_refused(drafted_model, monkeypatch):
+    stand_in_graphs(monkeypatch)
+    real = bebop.plain_step
+
+    def rebinding(model, caches, s, *args, **kwargs):
+        real(model, caches, s, *args, **kwargs)
+        s.x = s.x.clone()   # a new tensor: a graph would go on writing the old one
+    monkeypatch.setattr(bebop, "plain_step", rebinding)
+    with pytest.raises(RuntimeError, match="in place.*'x'"):
+        bebop.generate(drafted_model, RAGGED, 5, graphs=bebop.CudaGraphs(drafted_model))
+
+
+def test_a_failed_capture_falls_back_to_eager_unless_graphs_were_insisted_on(drafted_model, monkeypatch):
+    stand_in_graphs(monkeypatch)
+
+    def failing(step, tensors, generator):
+        bebop.warm_up(step, tensors, generator)
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(bebop, "capture_cuda_graph", failing)
+    eager = bebop.speculative_generate(drafted_model, RAGGED, 20, temperature=0)
+    graphs = bebop.CudaGraphs(drafted_model)
+    with pytest.warns(UserWarning, match="capture failed"):
+        auto = bebop.speculative_generate(drafted_model, RAGGED, 20, temperature=0, graphs=graphs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no second capture, so no second warning
+        again = bebop.speculative_generate(drafted_model, RAGGED, 20, temperature=0, graphs=graphs)
+    assert torch.equal(auto.new_tokens, eager.new_tokens) and torch.equal(again.new_tokens, eager.new_tokens)
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        bebop.generate(drafted_model, RAGGED, 20, graphs=bebop.CudaGraphs(drafted_model, strict=True))
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_run(drafted_model, monkeypatch):
+    with pytest.raises(ValueError, match="need a model on a CUDA device"):
+        bebop.CudaGraphs(drafted_model)     # a CPU model, on any machine
+    with pytest.raises(ValueError, match="graphs must be None or a CudaGraphs"):
+        bebop.generate(drafted_model, RAGGED, 5, graphs=True)
+    stand_in_graphs(monkeypatch)
+    with pytest.raises(ValueError, match="trace records every round eagerly"):
+        bebop.speculative_generate(drafted_model, RAGGED, 5, trace=[], graphs=bebop.CudaGraphs(drafted_model))
+
+
+# ----------------------------------------------------------------------------- 9. adaptive draft length
+
+
+def test_the_draft_length_rule_on_synthetic_costs():
+    """argmax E(gamma)/C(gamma), E from Eq. 12: known optima, gamma = 0 (plain) among them."""
+    c = bebop.DraftLengthChooser(3, alphas=[0.9, 0.9, 0.9])
+    # E = 1, 1.9, 2.71, 3.439; latency-bound costs (a round costs little more than a plain step): longest wins
+    assert c.choose([1.0, 1.1, 1.2, 1.3]) == 3
+    # compute-bound: a round costs (gamma + 1) plain steps plus drafting: plain decoding wins
+    assert c.choose([1.0, 2.2, 3.3, 4.4]) == 0
+    # in between: 1.9/1.5 = 1.27, 2.71/2.0 = 1.355, 3.439/3.0 = 1.15 -> gamma = 2
+    assert c.choose([1.0, 1.5, 2.0, 3.0]) == 2
+    low = bebop.DraftLengthChooser(3, alphas=[0.1, 0.1, 0.1])   # drafts almost never accepted
+    assert low.choose([1.0, 1.1, 1.2, 1.3]) == 0
+    # a large batch whose slowest row sets the pace: half of Eq. 12's drafted part reaches the critical path
+    c.observe_batch("B", 3, longest=1 + 10 * (1 + 0.5 * 2.439), rounds=10)
+    assert c.efficiency["B"] == pytest.approx(0.5)
+    assert c.choose([1.0, 1.5, 2.0, 3.0], c.efficiency["B"]) == 0    # every rate now below plain decoding's
+    c.observe(dict(drafts_accepted=[10, 0, 0], drafts_reached=[20, 0, 0]))   # only depth 1 observed: replaces
+    assert c.alphas == pytest.approx([0.5, 0.9, 0.9])
+    c.observe(dict(drafts_accepted=[15, 8, 0], drafts_reached=[20, 10, 0]))  # then averaged in (weight 0.5)
+    assert c.alphas == pytest.approx([0.625, 0.8, 0.9])
+
+
+# ----------------------------------------------------------------------------- 10. data parallelism
+
+
+def _ddp_worker(rank, world, port, out, results):
+    import os
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    calls = []
+    reduce = bebop.all_reduce
+    def spy(values, w, op="mean"):   # record what each rank contributes and what comes back
+        reduced = reduce(values, w, op)
+        calls.append((dict(values), op, reduced))
+        return reduced
+    bebop.all_reduce = spy
+    model, _ = bebop.train(bebop.parse_args(TINY_RUN + ["--out", out]))
+    torch.save(dict(state=model.state_dict(), calls=calls), f"{results}/rank{rank}.pt")
+
+
+def test_two_ranks_with_gloo_stay_in_sync_and_log_reduced_metrics(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    mp.spawn(_ddp_worker, args=(2, port, str(out), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert states_equal(r0["state"], r1["state"])
+    assert len(r0["calls"]) == len(r1["calls"])
+    # GRPO's averaged numbers, found by name; and the pooled sums behind the logged acceptance
+    grpo = [(a, b) for a, b in zip(r0["calls"], r1["calls"]) if "reward" in a[0] and a[1] == "mean"]
+    sums = [(a, b) for a, b in zip(r0["calls"], r1["calls"]) if "drafts_reached" in a[0] and a[1] == "sum"]
+    log = [json.loads(line) for line in open(out / "log.jsonl") if '"grpo"' in line]
+    assert len(grpo) == len(sums) == len(log) == 6
+    differ = 0
+    for (v0, _, reduced), (v1, _, _), (s0, s1), entry in zip(*zip(*grpo), sums, log):
+        assert entry["reward"] == pytest.approx((v0["reward"] + v1["reward"]) / 2, abs=1e-12)
+        assert entry["reward"] == pytest.approx(reduced["reward"], abs=1e-12)
+        assert entry["entropy"] == pytest.approx((v0["entropy"] + v1["entropy"]) / 2, abs=1e-12)
+        reached = [a + b for a, b in zip(s0[0]["drafts_reached"], s1[0]["drafts_reached"])]
+        accepted = [a + b for a, b in zip(s0[0]["drafts_accepted"], s1[0]["drafts_accepted"])]
+        assert entry["acceptance"] == pytest.approx([a / r for a, r in zip(accepted, reached)], abs=1e-12)
+        assert entry["accept_length"] == pytest.approx(
+            (s0[0]["kept_tokens"] + s1[0]["kept_tokens"]) / (s0[0]["row_rounds"] + s1[0]["row_rounds"]), abs=1e-12)
+        differ += v0["entropy"] != v1["entropy"]
+    assert differ == len(log), "both ranks drew the same rollouts: the data is not split"
+    sft0, sft1 = ([c[0]["loss"] for c in r["calls"] if set(c[0]) == {"loss"} and c[1] == "mean"] for r in (r0, r1))
+    assert len(sft0) == 20 + 8 and all(a != b for a, b in zip(sft0, sft1)), "ranks trained on the same batches"
+
+
+# ----------------------------------------------------------------------------- 11. checkpoints and resume
 
 
 @pytest.mark.parametrize("where,flags", [("sft_loss", []), ("mtp_training_loss", []), ("grpo_loss", []),
@@ -1433,7 +1460,6 @@ def test_an_out_that_is_a_file_gets_one_line(tmp_path):
         with pytest.raises(SystemExit) as e:
             bebop.main(TINY_RUN + ["--out", str(out)])
         assert str(e.value).startswith("bebop: error:") and "\n" not in str(e.value)
-    # (an unwritable folder cannot be tested as root, who may write anywhere; Run checks os.access)
 
 
 @pytest.mark.parametrize("edit", ["missing_key", "wrong_shape", "missing_optimizer"])
@@ -1452,6 +1478,49 @@ def test_hand_edited_checkpoints_are_refused_in_one_line(finished_run, tmp_path,
         bebop.main(TINY_RUN + ["--out", str(out), "--resume"])
 
 
+# ----------------------------------------------------------------------------- 12. training stages
+
+
+def test_bf16_rollout_weights_track_the_trainer_in_place(drafted_model):
+    model = copy.deepcopy(drafted_model)
+    assert bebop.rollout_weights(model, "fp32") is model
+    policy = bebop.rollout_weights(model, "bf16")
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in policy.parameters())
+    assert policy.rope_cos.dtype == torch.float32, "rotary tables must stay float32"
+    where = [p.data_ptr() for p in policy.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05)
+    bebop.refresh_rollout_weights(policy, model)
+    assert [p.data_ptr() for p in policy.parameters()] == where, "refreshing moved the weights: graphs would break"
+    assert all(torch.equal(q, p.to(torch.bfloat16)) for q, p in zip(policy.parameters(), model.parameters()))
+    out = bebop.speculative_generate(policy, RAGGED, 20, temperature=0)
+    ref = bebop.speculative_generate(model, RAGGED, 20, temperature=0)
+    assert out.logprobs.dtype == torch.float32
+    assert (out.new_tokens == ref.new_tokens).float().mean() > 0.8
+    assert out.stats["accept_length"] > 1.5
+
+
+def test_bf16_training_runs_end_to_end(tmp_path, monkeypatch):
+    """--precision bf16 (the CUDA default) on a CPU: autocast in SFT, MTP training (memory-lean TV under
+    autocast) and GRPO, rollouts on the refreshed bf16 copy."""
+    used = []
+    real = bebop.rollout
+
+    def spy(model, *args, **kwargs):
+        used.append([p.detach().clone() for p in model.parameters()])
+        return real(model, *args, **kwargs)
+    monkeypatch.setattr(bebop, "rollout", spy)
+    _, summary = bebop.train(bebop.parse_args(TINY_RUN + ["--precision", "bf16", "--out", str(tmp_path)]))
+    assert all(p.dtype == torch.bfloat16 for p in used[0])
+    assert not all(torch.equal(a, b) for a, b in zip(used[0], used[-1])), "rollouts never saw the updated policy"
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    sft = [e["loss"] for e in log if e["stage"] == "sft"]
+    assert all(math.isfinite(e["loss"]) for e in log)
+    assert sft[-1] < sft[0] - 0.3
+    assert summary["accept_length"] > 1.5 and math.isfinite(summary["reward_after"])
+
+
 def test_training_stops_at_the_first_non_finite_loss(tmp_path, monkeypatch):
     original, calls = bebop.sft_loss, []
     def poisoned(*args, **kwargs):
@@ -1463,6 +1532,104 @@ def test_training_stops_at_the_first_non_finite_loss(tmp_path, monkeypatch):
         bebop.main(TINY_RUN + ["--out", str(tmp_path)])
     assert str(e.value).startswith("bebop: error: sft step 11: the loss is nan; stopped")
     assert not (tmp_path / "mtp.pt").exists() and not (tmp_path / "summary.json").exists()
+
+
+# ----------------------------------------------------------------------------- 13. measures of the experiments
+
+
+def test_fit_line_recovers_a_planted_slope_with_an_honest_interval():
+    g = torch.Generator().manual_seed(0)
+    covered = 0
+    for trial in range(200):
+        x = torch.rand(40, generator=g, dtype=torch.float64)
+        y = 3.0 - 1.68 * x + 0.05 * torch.randn(40, generator=g, dtype=torch.float64)
+        fit = bebop.fit_line(x.tolist(), y.tolist())
+        covered += fit["ci"][0] <= -1.68 <= fit["ci"][1]
+    assert abs(fit["slope"] + 1.68) < 0.1 and abs(fit["intercept"] - 3.0) < 0.1
+    assert 0.90 <= covered / 200 <= 0.99, covered       # a 95% interval covers the truth about 95% of the time
+
+
+def test_decompose_splits_a_planted_series():
+    """alpha = 0.9 - 0.5 (H - H_0) + drift: the entropy term carries the planted slope, the residual the drift."""
+    H = [1.0 + 0.01 * t for t in range(60)]
+    drift = [-0.001 * max(0, t - 20) for t in range(60)]            # starts after the early phase
+    alpha = [0.9 - 0.5 * (h - 1.0) + d for h, d in zip(H, drift)]
+    d = bebop.decompose(H, alpha)
+    assert d["b"] == pytest.approx(-0.5, abs=1e-9)
+    H0 = sum(H[:5]) / 5
+    assert d["entropy_term"][-1] == pytest.approx(-0.5 * (H[-1] - H0), abs=1e-9)
+    assert d["residual"][-1] == pytest.approx(drift[-1] - sum(drift[:5]) / 5, abs=1e-9)
+    assert all(abs(a - b - c) < 1e-12 for a, b, c in zip(d["delta"], d["entropy_term"], d["residual"]))
+
+
+def test_teacher_forced_acceptance_of_a_head_equal_to_the_policy_is_one(drafted_model, monkeypatch):
+    """Draft rows equal to the target rows they are compared with give acceptance exactly 1 at every depth;
+    a head shifted by one position does not (the alignment is what is tested)."""
+    seq = bebop.generate(drafted_model, torch.randint(0, 8, (6, 9), generator=torch.Generator().manual_seed(0)), 20,
+                         generator=torch.Generator().manual_seed(1))
+    real = drafted_model.mtp_logits
+    def perfect(idx, n, backbone=None, shift=0):
+        target, _ = real(idx, n)
+        T = idx.size(1)
+        rows = [target[:, (torch.arange(T) + k + shift).clamp(max=T - 1)] for k in range(1, n + 1)]
+        return target, torch.stack(rows, 1)
+    tokens, mask = seq.tokens, torch.ones_like(seq.new_tokens, dtype=torch.bool)
+    monkeypatch.setattr(bebop, "PROMPT_LEN", 9)
+    monkeypatch.setattr(drafted_model, "mtp_logits", perfect)
+    tok = bebop.teacher_forced_acceptance(drafted_model, tokens, mask, 3)
+    assert tok["valid"].sum() > 100
+    assert bebop.per_depth(tok["rs"], tok["valid"]) == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)
+    assert bebop.tokens_per_forward([1.0, 1.0, 1.0]) == 4.0
+    monkeypatch.setattr(drafted_model, "mtp_logits", lambda idx, n, backbone=None: perfect(idx, n, shift=1))
+    tok = bebop.teacher_forced_acceptance(drafted_model, tokens, mask, 3)
+    assert max(bebop.per_depth(tok["rs"], tok["valid"])) < 0.95
+
+
+def test_eq12_and_ranking_with_ties():
+    assert bebop.tokens_per_forward([0.8] * 4) == pytest.approx(3.3616)      # PAPER's example
+    assert bebop.rank_with_ties({"a": (3.7, 0.01), "b": (3.69, 0.02), "c": (3.3, 0.05)}) == "a ~ b > c"
+
+
+# ----------------------------------------------------------------------------- 14. benchmark
+
+
+def test_bench_writes_the_table(tmp_path):
+    result = bebop.main(["--bench", "--preset", "tiny", "--sft-steps", "5", "--mtp-steps", "5", "--rl-prompts", "2",
+                         "--group-size", "4", "--out", str(tmp_path)])
+    rows = json.load(open(tmp_path / "bench.json"))
+    batches = (1, 4, 16, 8)
+    decoding = [r for r in rows if r["mode"] in ("plain", "spec")]
+    assert {(r["mode"], r.get("gamma"), r["batch"]) for r in decoding} == {
+        (m, g, B) for B in batches for m, g in [("plain", None)] + [("spec", g) for g in (1, 2, 3, 4, 5, "auto")]}
+    for r in decoding:
+        assert r["cuda_graphs"] is False and r["tokens_per_s"] > 0
+        assert r["accept_length"] == 1.0 if r["mode"] == "plain" else r["accept_length"] >= 1.0
+        if r.get("gamma") == "auto":
+            assert r["chosen"] in range(6) and r["auto_over_best"] > 0
+    assert any(r["accept_length"] > 1 for r in decoding if r["mode"] == "spec")
+    for r in (r for r in rows if r["mode"] == "pieces"):
+        assert r["t_spec_step"] > r["t_verify"] > 0 and 0 < r["achieved_over_ideal"]
+        assert r["launches_spec_step"] > r["launches_plain"] > 0
+    assert {r["rollout"] for r in rows if r["mode"] == "grpo_step"} == {"plain", "spec", "auto"}
+    assert all(r["seconds"] > 0 for r in rows if r["mode"] == "grpo_step")
+    tv = result["tv_loss"]
+    assert tv["lean_tv"]["peak_mb"] < tv["plain_tv"]["peak_mb"] / 2
+    assert tv["lean_e2e"]["peak_mb"] < tv["plain_e2e"]["peak_mb"] / 2
+
+
+def test_memory_lean_tv_peak_is_at_most_half_of_plain_autograd():
+    """App. F, measured: peak memory of forward + backward of head matmul + loss, each variant in its own
+    process (peak RSS above a baseline taken once the inputs exist), for per-step and e2e TV."""
+    mem = bebop.tv_memory_benchmark("cpu", rows=384, vocab=32768, hidden=256)
+    logits_mb = 384 * 32768 * 4 / 2**20
+    for loss in ("tv", "e2e"):
+        plain, lean = mem[f"plain_{loss}"], mem[f"lean_{loss}"]
+        assert plain["floor_mb"] < 0.5 * logits_mb and lean["floor_mb"] < 0.5 * logits_mb
+        assert plain["peak_mb"] >= 1.5 * logits_mb, plain     # the harness sees autograd keep logits-sized tensors
+        assert lean["peak_mb"] <= 0.5 * plain["peak_mb"], (lean, plain)
+
+
+# ----------------------------------------------------------------------------- 15. main: flags and the tutorial
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -1502,61 +1669,24 @@ def test_help_shows_defaults_presets_and_spells_out_the_rules(capsys):
         assert text in out, text
 
 
+def test_flags_come_from_train_config():
+    """Every TrainConfig field is a flag; a flag left out takes the preset's value or TrainConfig's; one given
+    wins over both."""
+    for f in bebop.fields(bebop.TrainConfig):
+        assert f.name in bebop.FLAGS, f"no flag for TrainConfig.{f.name}"
+        assert getattr(bebop.parse_args([]), f.name) is None
+    tc = bebop.configure(bebop.parse_args(["--preset", "tiny"]))[0]
+    assert tc.sft_steps == bebop.PRESETS["tiny"]["sft_steps"] and tc.clip_eps == bebop.TrainConfig.clip_eps
+    tc = bebop.configure(bebop.parse_args(["--preset", "tiny", "--sft-steps", "7", "--clip-eps", "0.3",
+                                           "--gamma", "2", "--no-cuda-graphs"]))[0]
+    assert (tc.sft_steps, tc.clip_eps, tc.gamma, tc.cuda_graphs) == (7, 0.3, 2, False)
+    assert bebop.configure(bebop.parse_args([]))[0] == bebop.TrainConfig(preset="cpu") or torch.cuda.is_available()
+
+
 def test_too_many_rollouts_per_step_get_one_line(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         bebop.main(["--preset", "tiny", "--rl-prompts", "65536", "--group-size", "4", "--out", str(tmp_path)])
     assert str(e.value).startswith("bebop: error: --rl-prompts 65536 x --group-size 4") and "\n" not in str(e.value)
-
-
-def _ddp_worker(rank, world, port, out, results):
-    import os
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    calls = []
-    reduce = bebop.all_reduce
-    def spy(values, w, op="mean"):   # record what each rank contributes and what comes back
-        reduced = reduce(values, w, op)
-        calls.append((dict(values), op, reduced))
-        return reduced
-    bebop.all_reduce = spy
-    model, _ = bebop.train(bebop.parse_args(TINY_RUN + ["--out", out]))
-    torch.save(dict(state=model.state_dict(), calls=calls), f"{results}/rank{rank}.pt")
-
-
-def test_two_ranks_with_gloo_stay_in_sync_and_log_reduced_metrics(tmp_path):
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "out"
-    mp.spawn(_ddp_worker, args=(2, port, str(out), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    assert states_equal(r0["state"], r1["state"])
-    assert len(r0["calls"]) == len(r1["calls"])
-    # GRPO's averaged numbers, found by name; and the pooled sums behind the logged acceptance
-    grpo = [(a, b) for a, b in zip(r0["calls"], r1["calls"]) if "reward" in a[0] and a[1] == "mean"]
-    sums = [(a, b) for a, b in zip(r0["calls"], r1["calls"]) if "drafts_reached" in a[0] and a[1] == "sum"]
-    log = [json.loads(line) for line in open(out / "log.jsonl") if '"grpo"' in line]
-    assert len(grpo) == len(sums) == len(log) == 6
-    differ = 0
-    for (v0, _, reduced), (v1, _, _), (s0, s1), entry in zip(*zip(*grpo), sums, log):
-        assert entry["reward"] == pytest.approx((v0["reward"] + v1["reward"]) / 2, abs=1e-12)
-        assert entry["reward"] == pytest.approx(reduced["reward"], abs=1e-12)
-        assert entry["entropy"] == pytest.approx((v0["entropy"] + v1["entropy"]) / 2, abs=1e-12)
-        reached = [a + b for a, b in zip(s0[0]["drafts_reached"], s1[0]["drafts_reached"])]
-        accepted = [a + b for a, b in zip(s0[0]["drafts_accepted"], s1[0]["drafts_accepted"])]
-        assert entry["acceptance"] == pytest.approx([a / r for a, r in zip(accepted, reached)], abs=1e-12)
-        assert entry["accept_length"] == pytest.approx(
-            (s0[0]["kept_tokens"] + s1[0]["kept_tokens"]) / (s0[0]["row_rounds"] + s1[0]["row_rounds"]), abs=1e-12)
-        differ += v0["entropy"] != v1["entropy"]
-    assert differ == len(log), "both ranks drew the same rollouts: the data is not split"
-    sft0, sft1 = ([c[0]["loss"] for c in r["calls"] if set(c[0]) == {"loss"} and c[1] == "mean"] for r in (r0, r1))
-    assert len(sft0) == 20 + 8 and all(a != b for a, b in zip(sft0, sft1)), "ranks trained on the same batches"
-
-
-# ----------------------------------------------------------------------------- the tutorial notebook
 
 
 def test_tutorial_notebook_runs_top_to_bottom(monkeypatch):
