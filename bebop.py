@@ -47,6 +47,7 @@ import math
 import numbers
 import os
 import signal
+import threading
 import time
 import warnings
 from copy import deepcopy
@@ -57,6 +58,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Config
@@ -1742,7 +1744,6 @@ def run_stage(run: Run, stage: str, steps: int, step_fn, model, optimizers, gene
 
     step_fn(step) does one optimisation step and returns a dict of (already rank-reduced) numbers to
     log; describe(metrics) picks what the progress bar shows."""
-    from tqdm import tqdm
     start = 0
     ckpt = run.load(stage)
     if ckpt is not None:
@@ -1799,7 +1800,6 @@ def run_stage(run: Run, stage: str, steps: int, step_fn, model, optimizers, gene
 
 
 def is_main_thread():
-    import threading
     return threading.current_thread() is threading.main_thread()
 
 
@@ -2063,88 +2063,90 @@ def rank_with_ties(stats):
 SEEDS = (0, 1, 2)   # MTP-training seeds (head initialisation and data order) of the experiments' heads
 
 
-class Lab:
+def make_lab(args) -> SimpleNamespace:
     """What the experiments share: the task, the SFT policy, one set of the policy's own samples to train
-    MTP heads on, held-out contexts to measure them on, and the heads trained with each loss and seed."""
-
-    def __init__(self, args):
-        self.tc, self.task, self.cfg, self.device, _ = configure(args)
-        if self.tc.gamma == "auto":   # the findings are measured at a fixed draft length, the paper's 3
-            self.tc.gamma = BENCH_GAMMA
-        self.out = args.out
-        torch.manual_seed(self.tc.seed)
-        model = GPT(self.cfg).to(self.device)
-        train_sft(Run(self.out, self.tc, self.cfg, resume=True), model, self.task,
-                  torch.Generator().manual_seed(self.tc.seed), self.device)
-        self.sft_state = {k: v.clone() for k, v in model.state_dict().items()}
-        self.held_out = held_out_prompts(self.task, self.tc, self.device)
-        # Fixed held-out contexts: the SFT policy's own answers to the held-out prompts, at temperature 1.
-        gen = torch.Generator(self.device).manual_seed(self.tc.seed + 7)
-        ctx = generate(model.eval(), self.held_out[0], self.task.max_new_tokens, generator=gen, eos=EOS)
-        self.contexts = (ctx.tokens, ctx.mask)
-        self.data = None   # the MTP training set, made when a head first needs training
-        self.heads = {}
-
-    def mtp_data(self):
-        """The heads' training set, with the frozen backbone's outputs on it computed once for all heads."""
-        if self.data is None:
-            model = GPT(self.cfg).to(self.device)
-            model.load_state_dict(self.sft_state)
-            g = torch.Generator().manual_seed(self.tc.seed + 2)
-            seq, lengths = policy_samples(model, self.task, self.tc.mtp_steps * self.tc.batch_size, g)
-            outs = [model.backbone_outputs(chunk.to(self.device)) for chunk in seq.split(1024)]
-            self.data = (seq, lengths) + tuple(torch.cat(parts) for parts in zip(*outs))
-        return self.data
-
-    def train_head(self, loss: str, seed: int, data: str = "policy"):
-        """Train the head of (loss, seed) in out/exp_mtp_{loss}_s{seed}/. All losses of one seed share the
-        CE warm-up (the first mtp_ce_warmup of the steps, identical for every loss), trained once. data="sft"
-        trains on fresh SFT examples instead of the policy's samples (warm-up included, not shared)."""
-        tc = TrainConfig(**{**asdict(self.tc), "mtp_loss": loss, "seed": self.tc.seed + seed, "mtp_data": data})
-        folder = os.path.join(self.out, f"exp_mtp_{loss}_s{seed}" + ("_sft_data" if data == "sft" else ""))
-        warm = int(tc.mtp_ce_warmup * tc.mtp_steps) if data == "policy" else 0
-        model = GPT(self.cfg).to(self.device)
-        model.load_state_dict(self.sft_state)
-        torch.manual_seed(1000 + seed)
-        model.mtp.load_state_dict(GPT(self.cfg).mtp.state_dict())       # this seed's fresh MTP layer
-        if warm and not os.path.exists(os.path.join(folder, "mtp.pt")):
-            warm_tc = TrainConfig(**{**asdict(tc), "mtp_loss": "ce"})   # the warm-up is CE whatever the loss
-            warm_run = Run(os.path.join(self.out, f"exp_mtp_warmup_s{seed}"), warm_tc, self.cfg, resume=True,
-                           first_stage="mtp")
-            train_mtp(warm_run, model, self.task, torch.Generator().manual_seed(tc.seed), self.device,
-                      data=self.mtp_data, until=warm)
-            ckpt = torch.load(warm_run.path("mtp"), map_location="cpu", weights_only=False)
-            os.makedirs(folder, exist_ok=True)   # continue from here, as this loss's run
-            atomic_save({**ckpt, "done": False, "train": asdict(tc)}, os.path.join(folder, "mtp.pt"))
-        run = Run(folder, tc, self.cfg, resume=True, first_stage="mtp")
-        train_mtp(run, model, self.task, torch.Generator().manual_seed(tc.seed), self.device, data=self.mtp_data)
-        return {k: v.clone() for k, v in model.state_dict().items()}
-
-    def policy_with_head(self, loss: str, seed: int = 0, data: str = "policy") -> GPT:
-        """The SFT policy with an MTP layer trained by `loss` (same budget, data and seed for every loss)."""
-        if (loss, seed, data) not in self.heads:
-            self.heads[loss, seed, data] = self.train_head(loss, seed, data)
-        model = GPT(self.cfg).to(self.device)
-        model.load_state_dict(self.heads[loss, seed, data])
-        return model.eval()
-
-    def rollouts(self, loss: str, temperature=1.0, draft="sample", seed=0, data="policy"):
-        """Speculative rollouts on the held-out prompts with the head of (loss, seed); kept for reuse."""
-        key = ("rollouts", loss, seed, temperature, draft, data)
-        if key not in self.heads:
-            gen = torch.Generator(self.device).manual_seed(0)
-            self.heads[key] = speculative_generate(self.policy_with_head(loss, seed, data), self.held_out[0],
-                                                   self.task.max_new_tokens, gamma=self.tc.gamma,
-                                                   temperature=temperature, draft=draft, generator=gen, eos=EOS)
-        return self.heads[key]
-
-    def expected(self, model: GPT):
-        """Teacher-forced expected acceptance per depth (RS and TO) on the fixed held-out contexts."""
-        tok = teacher_forced_acceptance(model, *self.contexts, self.tc.gamma)
-        return per_depth(tok["rs"], tok["valid"]), per_depth(tok["to"], tok["valid"])
+    MTP heads on (made when a head first needs training), held-out contexts to measure them on, and a
+    cache of the heads trained with each loss and seed and of their rollouts."""
+    tc, task, cfg, device, _ = configure(args)
+    if tc.gamma == "auto":   # the findings are measured at a fixed draft length, the paper's 3
+        tc.gamma = BENCH_GAMMA
+    torch.manual_seed(tc.seed)
+    model = GPT(cfg).to(device)
+    train_sft(Run(args.out, tc, cfg, resume=True), model, task, torch.Generator().manual_seed(tc.seed), device)
+    held_out = held_out_prompts(task, tc, device)
+    # Fixed held-out contexts: the SFT policy's own answers to the held-out prompts, at temperature 1.
+    gen = torch.Generator(device).manual_seed(tc.seed + 7)
+    ctx = generate(model.eval(), held_out[0], task.max_new_tokens, generator=gen, eos=EOS)
+    return SimpleNamespace(tc=tc, task=task, cfg=cfg, device=device, out=args.out, held_out=held_out,
+                           sft_state={k: v.clone() for k, v in model.state_dict().items()},
+                           contexts=(ctx.tokens, ctx.mask), data=None, heads={})
 
 
-def experiment_losses(lab: Lab):
+def lab_mtp_data(lab):
+    """The heads' training set, with the frozen backbone's outputs on it computed once for all heads."""
+    if lab.data is None:
+        model = GPT(lab.cfg).to(lab.device)
+        model.load_state_dict(lab.sft_state)
+        g = torch.Generator().manual_seed(lab.tc.seed + 2)
+        seq, lengths = policy_samples(model, lab.task, lab.tc.mtp_steps * lab.tc.batch_size, g)
+        outs = [model.backbone_outputs(chunk.to(lab.device)) for chunk in seq.split(1024)]
+        lab.data = (seq, lengths) + tuple(torch.cat(parts) for parts in zip(*outs))
+    return lab.data
+
+
+def train_head(lab, loss: str, seed: int, data: str = "policy"):
+    """Train the head of (loss, seed) in out/exp_mtp_{loss}_s{seed}/. All losses of one seed share the
+    CE warm-up (the first mtp_ce_warmup of the steps, identical for every loss), trained once. data="sft"
+    trains on fresh SFT examples instead of the policy's samples (warm-up included, not shared)."""
+    tc = TrainConfig(**{**asdict(lab.tc), "mtp_loss": loss, "seed": lab.tc.seed + seed, "mtp_data": data})
+    folder = os.path.join(lab.out, f"exp_mtp_{loss}_s{seed}" + ("_sft_data" if data == "sft" else ""))
+    warm = int(tc.mtp_ce_warmup * tc.mtp_steps) if data == "policy" else 0
+    model = GPT(lab.cfg).to(lab.device)
+    model.load_state_dict(lab.sft_state)
+    torch.manual_seed(1000 + seed)
+    model.mtp.load_state_dict(GPT(lab.cfg).mtp.state_dict())       # this seed's fresh MTP layer
+    shared = functools.partial(lab_mtp_data, lab)
+    if warm and not os.path.exists(os.path.join(folder, "mtp.pt")):
+        warm_tc = TrainConfig(**{**asdict(tc), "mtp_loss": "ce"})   # the warm-up is CE whatever the loss
+        warm_run = Run(os.path.join(lab.out, f"exp_mtp_warmup_s{seed}"), warm_tc, lab.cfg, resume=True,
+                       first_stage="mtp")
+        train_mtp(warm_run, model, lab.task, torch.Generator().manual_seed(tc.seed), lab.device, data=shared,
+                  until=warm)
+        ckpt = torch.load(warm_run.path("mtp"), map_location="cpu", weights_only=False)
+        os.makedirs(folder, exist_ok=True)   # continue from here, as this loss's run
+        atomic_save({**ckpt, "done": False, "train": asdict(tc)}, os.path.join(folder, "mtp.pt"))
+    run = Run(folder, tc, lab.cfg, resume=True, first_stage="mtp")
+    train_mtp(run, model, lab.task, torch.Generator().manual_seed(tc.seed), lab.device, data=shared)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def policy_with_head(lab, loss: str, seed: int = 0, data: str = "policy") -> GPT:
+    """The SFT policy with an MTP layer trained by `loss` (same budget, data and seed for every loss)."""
+    if (loss, seed, data) not in lab.heads:
+        lab.heads[loss, seed, data] = train_head(lab, loss, seed, data)
+    model = GPT(lab.cfg).to(lab.device)
+    model.load_state_dict(lab.heads[loss, seed, data])
+    return model.eval()
+
+
+def held_out_rollouts(lab, loss: str, temperature=1.0, draft="sample", seed=0, data="policy"):
+    """Speculative rollouts on the held-out prompts with the head of (loss, seed); kept for reuse."""
+    key = ("rollouts", loss, seed, temperature, draft, data)
+    if key not in lab.heads:
+        gen = torch.Generator(lab.device).manual_seed(0)
+        lab.heads[key] = speculative_generate(policy_with_head(lab, loss, seed, data), lab.held_out[0],
+                                              lab.task.max_new_tokens, gamma=lab.tc.gamma,
+                                              temperature=temperature, draft=draft, generator=gen, eos=EOS)
+    return lab.heads[key]
+
+
+def expected_on_contexts(lab, model: GPT):
+    """Teacher-forced expected acceptance per depth (RS and TO) on the fixed held-out contexts."""
+    tok = teacher_forced_acceptance(model, *lab.contexts, lab.tc.gamma)
+    return per_depth(tok["rs"], tok["valid"]), per_depth(tok["to"], tok["valid"])
+
+
+def experiment_losses(lab):
     """Table 2: RS and TO acceptance of MTP heads trained with each loss, over len(SEEDS) seeds of MTP
     training: teacher-forced expected acceptance per depth on fixed held-out contexts (no sampling noise),
     the tokens per forward it implies (Eq. 12), and counted accept length of held-out rollouts, T = 1."""
@@ -2153,10 +2155,10 @@ def experiment_losses(lab: Lab):
     for loss, data in variants:
         per_seed = []
         for seed in SEEDS:
-            model = lab.policy_with_head(loss, seed, data)
-            rs_tf, to_tf = lab.expected(model)
-            rs = lab.rollouts(loss, seed=seed, data=data).stats
-            to = lab.rollouts(loss, draft="greedy", seed=seed, data=data).stats
+            model = policy_with_head(lab, loss, seed, data)
+            rs_tf, to_tf = expected_on_contexts(lab, model)
+            rs = held_out_rollouts(lab, loss, seed=seed, data=data).stats
+            to = held_out_rollouts(lab, loss, draft="greedy", seed=seed, data=data).stats
             per_seed.append(dict(seed=seed, rs_expected_acceptance=rs_tf, to_expected_acceptance=to_tf,
                                  rs_expected_length=tokens_per_forward(rs_tf),
                                  to_expected_length=tokens_per_forward(to_tf),
@@ -2185,13 +2187,13 @@ def experiment_losses(lab: Lab):
     return result
 
 
-def experiment_temperature(lab: Lab):
+def experiment_temperature(lab):
     """Fig. 12a: RS and TO acceptance across sampling temperatures, CE and e2e-TV heads (counted, rollouts)."""
     result = {}
     for loss in ("ce", "e2e_tv"):
         rows = []
         for T in TEMPERATURES:
-            rs, to = lab.rollouts(loss, T, "sample").stats, lab.rollouts(loss, T, "greedy").stats
+            rs, to = held_out_rollouts(lab, loss, T, "sample").stats, held_out_rollouts(lab, loss, T, "greedy").stats
             rows.append(dict(temperature=T, rs_alpha1=rs["acceptance"][0], to_alpha1=to["acceptance"][0],
                              rs_accept_length=rs["accept_length"], to_accept_length=to["accept_length"]))
         result[loss] = rows
@@ -2227,14 +2229,14 @@ def token_kl(logp, logq, valid):
     return ((kl * valid).sum() / valid.sum()).item()
 
 
-def rl_probe(lab: Lab, online: bool):
+def rl_probe(lab, online: bool):
     """What the rl experiment logs each GRPO step besides GRPO's own numbers. Exact verification makes the
     rollouts independent of the drafter, so every frozen head is measured on the same run's rollouts,
     teacher-forced (expected acceptance, no sampling noise): per depth RS (1 - d_TV) and TO (p(argmax q))
     and Eq. 12's tokens per forward, plus the head's own draft entropy H(q_1). Every DRIFT_EVERY steps, on
     the fixed held-out contexts (whose tokens never change, so entropy cannot move anything there): each
     head's RS acceptance against the current policy, and KL(pi_t || pi_0)."""
-    heads = {name: {k[4:]: v for k, v in lab.policy_with_head(name).state_dict().items() if k.startswith("mtp.")}
+    heads = {name: {k[4:]: v for k, v in policy_with_head(lab, name).state_dict().items() if k.startswith("mtp.")}
              for name in PROBE_HEADS}
     scratch = GPT(lab.cfg).to(lab.device).eval()
     tokens, mask = lab.contexts
@@ -2273,13 +2275,13 @@ def rl_probe(lab: Lab, online: bool):
     return measure
 
 
-def experiment_rl(lab: Lab):
+def experiment_rl(lab):
     """Fig. 1a / 3 / 6 / 9a: GRPO runs whose entropy moves (an entropy bonus of either sign), the recipe,
     a smaller learning rate, and online MTP updates; all roll out with RS drafts of the e2e-TV head, and
     all log the frozen heads' teacher-forced acceptance per step (rl_probe)."""
     result = {}
     for name, (coef, lr_scale, steps_scale, online) in RL_RUNS.items():
-        model = lab.policy_with_head("e2e_tv")
+        model = policy_with_head(lab, "e2e_tv")
         tc = TrainConfig(**{**asdict(lab.tc), "mtp_loss": "e2e_tv", "draft": "sample", "mtp_online": online,
                             "entropy_coef": coef, "rl_lr": lab.tc.rl_lr * lr_scale,
                             "rl_steps": max(2, int(lab.tc.rl_steps * steps_scale))})
@@ -2321,7 +2323,7 @@ FIG1A_RULES = {   # rule: (frozen head, teacher-forced series) as the paper's Fi
 ENTROPY_RUNS = ("entropy_up", "recipe", "entropy_down")
 
 
-def experiment_entropy(lab: Lab, rl_result):
+def experiment_entropy(lab, rl_result):
     """Fig. 1a in the paper's units: accept length (tokens per target forward, gamma = 3, bonus included;
     teacher-forced on each step's rollouts) against the policy's mean entropy, one point per RL step,
     pooled over the runs whose entropy moves, with a 95% interval. And the per-token view: depth-1
@@ -2340,10 +2342,10 @@ def experiment_entropy(lab: Lab, rl_result):
     # conditions on the rollout's own next tokens where decoding conditions on accepted drafts; measured.
     tf_gap = [c - t for r in rl_result.values() if r["online"] == "none"
               for c, t in zip(r["accept_length"], r["teacher_forced_acceptance"]["e2e_tv"]["rs_length"])]
-    rs_ce, rs_tv = lab.policy_with_head("ce"), lab.policy_with_head("e2e_tv")
+    rs_ce, rs_tv = policy_with_head(lab, "ce"), policy_with_head(lab, "e2e_tv")
     Ht, acc = [], {"to": [], "rs_ce": [], "rs_e2e_tv": []}
     for T in (0.7, 1.0, 1.3):
-        roll = lab.rollouts("e2e_tv", T)
+        roll = held_out_rollouts(lab, "e2e_tv", T)
         ce = teacher_forced_acceptance(rs_ce, roll.tokens, roll.mask, 1, T)
         tv = teacher_forced_acceptance(rs_tv, roll.tokens, roll.mask, 1, T)
         Ht.append(tv["entropy"][:, 0])
@@ -2384,7 +2386,7 @@ def decompose(entropy, alpha, early: float = 1 / 3, base: int = 5):
                 residual=[d - e for d, e in zip(delta, term)])
 
 
-def experiment_decomposition(lab: Lab, rl_result):
+def experiment_decomposition(lab, rl_result):
     """Eq. 16 / Fig. 3 for every rl run and rule (TO-CE, RS-CE, RS-KL, RS-e2eTV; per depth and for the
     accept length), and the drift measured directly: each frozen head's RS acceptance on fixed held-out
     contexts, where entropy cannot change, beside KL(pi_t || pi_0); per unit of reward gained."""
@@ -2425,7 +2427,7 @@ def experiment_decomposition(lab: Lab, rl_result):
 ENTROPY_BINS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, math.inf)
 
 
-def experiment_boundary(lab: Lab):
+def experiment_boundary(lab):
     """App. E / Fig. 13: which rule wins. Per head and temperature (the paper's model-task pairs), the
     predicted winner, RS if the mean of 1 - d_TV(p, q) over drafted tokens beats the mean of p(argmax q)
     (teacher-forced on the RS rollouts, which are distributed as p at that temperature), against the
@@ -2433,10 +2435,10 @@ def experiment_boundary(lab: Lab):
     d_TV < 1 - p(argmax q)), the share of tokens on which RS wins, by entropy bin."""
     result = {}
     for loss in ("ce", "kl", "e2e_tv"):
-        model = lab.policy_with_head(loss)
+        model = policy_with_head(lab, loss)
         pairs, H, rs_wins = [], [], []
         for T in TEMPERATURES:
-            rs_roll, to_roll = lab.rollouts(loss, T, "sample"), lab.rollouts(loss, T, "greedy")
+            rs_roll, to_roll = held_out_rollouts(lab, loss, T, "sample"), held_out_rollouts(lab, loss, T, "greedy")
             tok = teacher_forced_acceptance(model, rs_roll.tokens, rs_roll.mask, 1, T)
             rs_pred, to_pred = tok["rs"][:, 0].mean().item(), tok["to"][:, 0].mean().item()
             rs_meas, to_meas = rs_roll.stats["acceptance"][0], to_roll.stats["acceptance"][0]
@@ -2471,7 +2473,7 @@ EXPERIMENT_FNS = dict(losses=experiment_losses, temperature=experiment_temperatu
 
 def run_experiments(args):
     t0 = time.time()
-    lab = Lab(args)
+    lab = make_lab(args)
     names = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
     path = os.path.join(args.out, "experiments.json")
     results = json.load(open(path)) if os.path.exists(path) else {}
