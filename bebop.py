@@ -721,7 +721,7 @@ def decoding_loop(model: GPT, key, B: int, S: int, prefill, step, generator, max
     its own static caches and state and replays the step as a CUDA graph; key names what the step bakes in
     (shapes, temperature, EOS), so that calls which may share one captured step find it."""
     if graphs is not None:
-        return graphs.decode(model, key, B, S, prefill, step, generator, max_steps)
+        return graphs.decode(key, B, S, prefill, step, generator, max_steps)
     caches = Caches(model, B, S)
     s = prefill(caches)
     for _ in range(max_steps):
@@ -1386,7 +1386,7 @@ class CudaGraphs:
             self.decoders[key] = StaticDecoder(self.model, B, S)
         return self.decoders[key]
 
-    def decode(self, model: GPT, key, B: int, S: int, prefill, step, generator, max_steps: int):
+    def decode(self, key, B: int, S: int, prefill, step, generator, max_steps: int):
         """section 5's decoding_loop, with the caches and state of this shape's StaticDecoder and the step replayed."""
         static = self.decoder(key, B, S)
         state, generator = static.enter(prefill(static.caches), generator)
