@@ -962,7 +962,7 @@ def test_each_piece_lifts_out_with_only_its_helpers():
                                                             torch.Generator().manual_seed(1)),
         "tv_distance": lambda ns: torch.autograd.grad(ns["tv_distance"](x.requires_grad_(), p, W, chunk=4).sum(), x),
         "e2e_tv_loss": lambda ns: torch.autograd.grad(ns["e2e_tv_loss"](x.requires_grad_(), p, mask, W), x),
-        "mtp_loss": lambda ns: [ns["mtp_loss"](kind, logits, logits.roll(1, -1), labels, mask) for kind in ns["MTP_LOSSES"]],
+        "mtp_loss": lambda ns: [ns["mtp_loss"](kind, logits, logits.roll(1, -1), labels, mask) for kind in bebop.MTP_LOSSES],
         "group_advantages": lambda ns: ns["group_advantages"](torch.rand(12, generator=g), 4),
         "grpo_loss": lambda ns: ns["grpo_loss"](torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g),
                                                 torch.randn(4, generator=g), torch.ones(4, 5, dtype=torch.bool),
