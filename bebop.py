@@ -1409,7 +1409,8 @@ class CudaGraphs:
 def round_costs(model: GPT, B: int, P: int, max_new_tokens: int, max_gamma: int, cuda_graphs: bool,
                 repeats: int = 5) -> list:
     """Seconds of one decoding step at batch B, prompt length P: [plain step, round with gamma = 1..max_gamma],
-    each eager or replayed as a CUDA graph, measured with the caches of a real call."""
+    each eager or replayed as a CUDA graph, measured with the caches of a real call; the rounds' costs as the
+    line through them (round_cost_line)."""
     device = model.lm_head.weight.device
     gen = torch.Generator(device).manual_seed(0)
     idx = torch.randint(0, model.config.vocab_size, (B, P), device=device, generator=gen)
@@ -1433,7 +1434,20 @@ def round_costs(model: GPT, B: int, P: int, max_new_tokens: int, max_gamma: int,
     for _ in range(5):
         for i, fn in enumerate(calls):
             costs[i] = min(costs[i], timed(fn, repeats, device, blocks=1))
-    return costs
+    return costs[:1] + round_cost_line(costs[1:])
+
+
+def round_cost_line(costs):
+    """The least-squares line through the round costs of gamma = 1..K. A round costs a fixed part (the verify
+    forward's weights, sampling, bookkeeping) plus a part per drafted token (one draft step, one more token
+    to verify), so the line pools every timing: single timings on a shared machine can make gamma 2 look
+    dearer than gamma 4, and the choice would follow that noise."""
+    if len(costs) < 3:
+        return list(costs)
+    g = torch.arange(1, len(costs) + 1, dtype=torch.float64)
+    c = torch.tensor(costs, dtype=torch.float64)
+    slope = ((g - g.mean()) * (c - c.mean())).sum() / ((g - g.mean()) ** 2).sum()
+    return (c.mean() + slope * (g - g.mean())).tolist()
 
 
 class DraftLengthChooser:
@@ -1445,15 +1459,19 @@ class DraftLengthChooser:
 
     A batch finishes when its slowest row does, so what a round buys the batch is the advance of its
     critical path, (longest row's tokens - 1) / rounds, which falls short of the mean E(gamma) of Eq. 12 more
-    as the batch grows (the unluckiest of B rows sets the pace). Per batch shape, `efficiency` is the measured
-    ratio of the two drafted parts, (advance - 1) / (E(gamma) - 1); predictions for every gamma use it."""
+    as the batch grows (the unluckiest of B rows sets the pace) and for short answers (the last round is cut
+    at the end mark). Per batch shape, `efficiency` is the ratio of the two drafted parts, advance - 1 over
+    E(gamma) - 1, pooled over the calls (sums of both, starting from `prior_tokens` drafted tokens at ratio
+    1): one call at batch 1 is a handful of rounds of one row, too noisy to decide alone, and an unlucky one
+    would otherwise switch drafting off at that shape for good. Predictions for every gamma use it."""
 
-    def __init__(self, max_gamma: int, alphas=None, smoothing: float = 0.5):
-        self.max_gamma, self.smoothing = max_gamma, smoothing
+    def __init__(self, max_gamma: int, alphas=None, smoothing: float = 0.5, prior_tokens: float = 32.0):
+        self.max_gamma, self.smoothing, self.prior_tokens = max_gamma, smoothing, prior_tokens
         self.alphas = list(alphas) if alphas is not None else [0.8] * max_gamma
         self.observed = [0] * max_gamma   # measurements folded in, per depth
         self.costs = {}      # (B, P, max_new_tokens, graphs) -> seconds per step for gamma = 0..max_gamma
-        self.efficiency = {}  # same keys -> critical-path advance per round over Eq. 12, drafted part (1 = equal)
+        self.drafted = {}    # same keys -> [drafted tokens the critical path gained, Eq. 12 expected], summed
+        self.efficiency = {}  # same keys -> the ratio of those sums (1 = as Eq. 12 predicts)
         self.chosen = {}     # gamma -> calls
 
     def expected_tokens(self, gamma: int, efficiency: float = 1.0) -> float:
@@ -1466,20 +1484,21 @@ class DraftLengthChooser:
         return max(range(len(rate)), key=lambda g: (rate[g], -g))
 
     def observe_batch(self, shape, gamma: int, longest: int, rounds: int):
-        """Fold in a call's critical-path advance per round (its longest row kept `longest` tokens)."""
+        """Fold in a call's critical-path advance (its longest row kept `longest` tokens in `rounds` rounds)."""
         drafted = tokens_per_forward(self.alphas[:gamma]) - 1
         if rounds > 0 and drafted > 0:
-            measured = max(0.0, ((longest - 1) / rounds - 1) / drafted)
-            old = self.efficiency.get(shape)
-            self.efficiency[shape] = measured if old is None else old + self.smoothing * (measured - old)
+            gained, expected = self.drafted.get(shape, [self.prior_tokens, self.prior_tokens])
+            self.drafted[shape] = [gained + (longest - 1 - rounds), expected + rounds * drafted]
+            self.efficiency[shape] = max(0.0, self.drafted[shape][0] / self.drafted[shape][1])
 
     def state(self) -> dict:
         return dict(alphas=list(self.alphas), observed=list(self.observed), costs=dict(self.costs),
-                    efficiency=dict(self.efficiency), chosen=dict(self.chosen))
+                    drafted=dict(self.drafted), efficiency=dict(self.efficiency), chosen=dict(self.chosen))
 
     def load(self, state: dict):
         self.alphas, self.observed = list(state["alphas"]), list(state["observed"])
         self.costs, self.efficiency, self.chosen = dict(state["costs"]), dict(state["efficiency"]), dict(state["chosen"])
+        self.drafted = dict(state.get("drafted", {}))   # absent from checkpoints made before it was kept
 
     def observe(self, stats):
         """Fold a call's counted per-depth acceptance into the estimates (depths it did not reach keep theirs)."""
@@ -2073,6 +2092,10 @@ def make_lab(args) -> SimpleNamespace:
     torch.manual_seed(tc.seed)
     model = GPT(cfg).to(device)
     train_sft(Run(args.out, tc, cfg, resume=True), model, task, torch.Generator().manual_seed(tc.seed), device)
+    # After SFT (shared with `python bebop.py`), the experiments train 18 MTP heads and 6 GRPO runs. To fit
+    # `--experiment all` in 30 minutes on a 2-core CPU, heads train on half the batch (same steps, schedule
+    # and CE warm-up: half the data) and GRPO steps roll out half the prompts (same group size).
+    tc.batch_size, tc.rl_prompts = max(1, tc.batch_size // 2), max(1, tc.rl_prompts // 2)
     held_out = held_out_prompts(task, tc, device)
     # Fixed held-out contexts: the SFT policy's own answers to the held-out prompts, at temperature 1.
     gen = torch.Generator(device).manual_seed(tc.seed + 7)
@@ -2204,7 +2227,7 @@ def experiment_temperature(lab):
     return result
 
 
-ENTROPY_COEF = 0.15  # GRPO entropy bonus of the rl experiment's entropy_up / entropy_down runs (+ and -)
+ENTROPY_COEF = 0.2   # GRPO entropy bonus of the rl experiment's entropy_up / entropy_down runs (+ and -)
 
 
 RL_RUNS = {   # name: (entropy coefficient, learning-rate scale, step-count scale, online MTP loss)
@@ -2220,7 +2243,7 @@ RL_RUNS = {   # name: (entropy coefficient, learning-rate scale, step-count scal
 PROBE_HEADS = ("ce", "kl", "e2e_tv")   # frozen heads measured on every run's rollouts (teacher-forced)
 
 
-DRIFT_EVERY = 10                        # RL steps between measurements on the fixed held-out contexts
+DRIFT_EVERY = 20                        # RL steps between measurements on the fixed held-out contexts
 
 
 def token_kl(logp, logq, valid):
@@ -2229,13 +2252,13 @@ def token_kl(logp, logq, valid):
     return ((kl * valid).sum() / valid.sum()).item()
 
 
-def rl_probe(lab, online: bool):
+def rl_probe(lab, online: bool, last: int):
     """What the rl experiment logs each GRPO step besides GRPO's own numbers. Exact verification makes the
     rollouts independent of the drafter, so every frozen head is measured on the same run's rollouts,
     teacher-forced (expected acceptance, no sampling noise): per depth RS (1 - d_TV) and TO (p(argmax q))
-    and Eq. 12's tokens per forward, plus the head's own draft entropy H(q_1). Every DRIFT_EVERY steps, on
-    the fixed held-out contexts (whose tokens never change, so entropy cannot move anything there): each
-    head's RS acceptance against the current policy, and KL(pi_t || pi_0)."""
+    and Eq. 12's tokens per forward, plus the head's own draft entropy H(q_1). Every DRIFT_EVERY steps and at
+    the `last` step, on the fixed held-out contexts (whose tokens never change, so entropy cannot move
+    anything there): each head's RS acceptance against the current policy, and KL(pi_t || pi_0)."""
     heads = {name: {k[4:]: v for k, v in policy_with_head(lab, name).state_dict().items() if k.startswith("mtp.")}
              for name in PROBE_HEADS}
     scratch = GPT(lab.cfg).to(lab.device).eval()
@@ -2254,7 +2277,7 @@ def rl_probe(lab, online: bool):
         rows = slice(0, None, 2)   # every other rollout (one per pair of a group): half the cost, same law
         seqs, kept = roll.tokens[rows], roll.mask[rows]
         backbone = scratch.backbone_outputs(seqs)          # shared by every head
-        drift = step % DRIFT_EVERY == 0
+        drift = step % DRIFT_EVERY == 0 or step == last
         if drift:
             fixed_backbone = scratch.backbone_outputs(tokens)
             logp = F.log_softmax(fixed_backbone[1][:, :-1].float(), -1)
@@ -2288,7 +2311,7 @@ def experiment_rl(lab):
         run = Run(os.path.join(lab.out, f"exp_rl_{name}"), tc, lab.cfg, resume=True, first_stage="grpo")
         train_grpo(run, model, lab.task, torch.Generator().manual_seed(tc.seed),
                    torch.Generator(lab.device).manual_seed(tc.seed + 1), lab.device, {},
-                   probe=rl_probe(lab, online != "none"))
+                   probe=rl_probe(lab, online != "none", tc.rl_steps - 1))
         log = [json.loads(line) for line in open(os.path.join(run.out, "log.jsonl"))]
         log = [m for m in log if m["stage"] == "grpo"][-tc.rl_steps:]
         heads = list(log[0]["teacher_forced"])
@@ -2477,16 +2500,20 @@ def run_experiments(args):
     names = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
     path = os.path.join(args.out, "experiments.json")
     results = json.load(open(path)) if os.path.exists(path) else {}
+    took = {"setup": time.time() - t0}   # wall seconds; an experiment reuses heads and runs made before it
     for name in names:
+        t = time.time()
         if name in ("entropy", "decomposition"):   # both read the rl runs
             if "rl" not in results:
                 results["rl"] = experiment_rl(lab)
             results[name] = EXPERIMENT_FNS[name](lab, results["rl"])
         else:
             results[name] = EXPERIMENT_FNS[name](lab)
+        took[name] = time.time() - t
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
-    print(f"\nexperiments {', '.join(names)} done in {time.time() - t0:.0f} s; results in {path}")
+    print(f"\nexperiments {', '.join(names)} done in {time.time() - t0:.0f} s (" +
+          ", ".join(f"{k} {v:.0f} s" for k, v in took.items()) + f"); results in {path}")
     return results
 
 # ---------------------------------------------------------------------------------------------------
@@ -2512,31 +2539,65 @@ def timed(fn, repeats: int, device, blocks: int = 5):
     return min(seconds(lambda: [fn() for _ in range(repeats)], device)[0] / repeats for _ in range(blocks))
 
 
+def paired_interval(work, secs, top, others, draws: int = 2000, seed: int = 0):
+    """90% bootstrap interval of rate(top) / max(rate(o) for o in others), rate = sum(work) / sum(seconds),
+    resampling call indices (every mode shared each call's inputs, so they are resampled together).
+    work, secs: {mode: per-call lists}."""
+    n = len(secs[top])
+    calls = torch.randint(n, (draws, n), generator=torch.Generator().manual_seed(seed))
+    rate = lambda m: (torch.tensor(work[m], dtype=torch.float64)[calls].sum(1) /
+                      torch.tensor(secs[m], dtype=torch.float64)[calls].sum(1))
+    ratios = rate(top) / torch.stack([rate(o) for o in others]).max(0).values
+    return torch.quantile(ratios, 0.05).item(), torch.quantile(ratios, 0.95).item()
+
+
+def most_chosen(chosen: dict) -> int:
+    """The gamma auto picked on most calls, from {gamma: calls}."""
+    return max(chosen, key=chosen.get)
+
+
 @torch.no_grad()
-def time_rollouts(model: GPT, idx, max_new_tokens: int, gammas, eos=None, seed: int = 0, repeats: int = 3,
-                  graphs=None, chooser=None):
-    """Tokens/s of decoding the same batch with each draft length in `gammas` (0 = plain decoding, 1..K,
-    or "auto"), the modes alternated over `repeats` seeds so machine noise hits all alike; one untimed call
-    of each first (kernel selection, graph captures, auto's cost profile). Returns {gamma: dict(tokens_per_s,
-    accept_length, chosen)}, chosen being the gamma "auto" picked."""
+def time_rollouts(model: GPT, prompts, B: int, max_new_tokens: int, gammas, eos=None, seconds_each: float = 2.0,
+                  min_calls: int = 6, graphs=None, chooser=None):
+    """Tokens/s of decoding batches of B prompts with each draft length in `gammas` (0 = plain decoding, 1..K,
+    or "auto"), side by side: call r decodes prompts r*B.. (cycling through `prompts`) with seed r in every
+    mode, the modes alternating call by call until each has decoded for `seconds_each` seconds (at least
+    `min_calls` calls), so machine noise hits all alike and every mode sees the same prompts. One untimed
+    call of each first (kernel selection, graph captures, auto's cost profile). Returns {gamma: dict(
+    tokens_per_s, accept_length (pooled kept tokens per row-round), chosen ({gamma: calls} for "auto"),
+    calls)} and, under key "per_call", each mode's per-call tokens and seconds (for paired_interval)."""
     model.eval()
     chooser = chooser or DraftLengthChooser(model.config.mtp_train_steps)
-    def run(g, gen):
+    def run(g, r):
+        idx = prompts[(r * B + torch.arange(B, device=prompts.device)) % prompts.size(0)]
+        gen = torch.Generator(prompts.device).manual_seed(r)   # the same prompts and seed in every mode
         if g == 0:
             return generate(model, idx, max_new_tokens, generator=gen, eos=eos, graphs=graphs)
         return speculative_generate(model, idx, max_new_tokens, gamma=g, generator=gen, eos=eos, graphs=graphs,
                                     chooser=chooser)
     for g in gammas:
-        run(g, torch.Generator(idx.device).manual_seed(seed))
-    tokens, total, last = {g: 0 for g in gammas}, {g: 0.0 for g in gammas}, {}
-    for r in range(repeats):
+        run(g, 0)
+    tokens, secs, kept, row_rounds = ({g: [] for g in gammas} for _ in range(4))
+    chosen = {}
+    r = 0
+    while r < min_calls or min(sum(secs[g]) for g in gammas) < seconds_each:
+        r += 1
         for g in gammas:
-            gen = torch.Generator(idx.device).manual_seed(seed + r)   # same seeds for every mode
-            dt, last[g] = seconds(lambda: run(g, gen), idx.device)
-            total[g] += dt
-            tokens[g] += last[g].mask.sum().item()
-    return {g: dict(tokens_per_s=tokens[g] / total[g], accept_length=last[g].stats["accept_length"],
-                    chosen=last[g].stats.get("gamma", 0)) for g in gammas}
+            dt, out = seconds(functools.partial(run, g, r), prompts.device)
+            hist = out.stats.get("accept_histogram")
+            n_new = out.mask.sum().item()
+            tokens[g].append(n_new)
+            secs[g].append(dt)
+            # Kept tokens after each row's first, per row-round; plain decoding: one token per forward.
+            kept[g].append(sum((i + 1) * h for i, h in enumerate(hist)) if hist else n_new - B)
+            row_rounds[g].append(sum(hist) if hist else n_new - B)
+            if g == "auto":
+                chosen[out.stats["gamma"]] = chosen.get(out.stats["gamma"], 0) + 1
+    result = {g: dict(tokens_per_s=sum(tokens[g]) / sum(secs[g]), calls=r,
+                      accept_length=sum(kept[g]) / max(1, sum(row_rounds[g])), chosen=chosen if g == "auto" else g)
+              for g in gammas}
+    result["per_call"] = dict(tokens=tokens, seconds=secs)
+    return result
 
 
 @torch.no_grad()
@@ -2701,20 +2762,23 @@ def run_benchmark(args):
     print(f"\nbench on {device_name(device)}, preset {tc.preset} ({cfg.n_layer} layers + 1 MTP layer, d={cfg.n_embd}), "
           f"{tc.precision}, temperature 1, exact sampling (RS); tokens/s of plain decoding, each fixed gamma, and auto")
     print(f"{'batch':>5} {'graphs':>6} " + " ".join(f"{'plain' if g == 0 else 'g=' + str(g):>7}" for g in gammas[:-1])
-          + f" {'auto':>7} {'chose':>5} {'auto/best':>9}")
+          + f" {'auto':>7} {'chose':>5} {'auto/best [90%]':>20} {'calls':>5}")
+    choosers = {graphs: DraftLengthChooser(K) for graphs in graph_settings}   # auto learns across batch sizes
+    each = 0.1 if tc.preset == "tiny" else 2.0   # seconds of decoding per mode and batch (tiny: a smoke test)
     for B in batches:
-        idx = held_out[0][torch.arange(B, device=device) % held_out[0].size(0)]
         for graphs in graph_settings:
-            speed = time_rollouts(policy, idx, task.max_new_tokens, gammas, EOS, repeats=3,
-                                  graphs=owned if graphs else None)
+            speed = time_rollouts(policy, held_out[0], B, task.max_new_tokens, gammas, EOS, each,
+                                  graphs=owned if graphs else None, chooser=choosers[graphs])
             c = step_costs(policy, B, gamma, device, graphs)
             best = max(speed[g]["tokens_per_s"] for g in gammas[:-1])
+            per_call = speed["per_call"]
+            interval = paired_interval(per_call["tokens"], per_call["seconds"], "auto", gammas[:-1])
             for g in gammas:
                 rows.append(dict(mode="plain" if g == 0 else "spec", batch=B, cuda_graphs=graphs,
                                  **({} if g == 0 else dict(gamma=g)), tokens_per_s=speed[g]["tokens_per_s"],
-                                 accept_length=speed[g]["accept_length"],
-                                 **({"chosen": speed[g]["chosen"], "auto_over_best": speed[g]["tokens_per_s"] / best}
-                                    if g == "auto" else {})))
+                                 accept_length=speed[g]["accept_length"], calls=speed[g]["calls"],
+                                 **({"chosen": speed[g]["chosen"], "auto_over_best": speed[g]["tokens_per_s"] / best,
+                                     "auto_over_best_90": interval} if g == "auto" else {})))
             # The cost of each piece of a gamma = BENCH_GAMMA round, and what that round's acceptance allows.
             drafting_and_verify = c["t_verify"] + gamma * c["t_draft"]
             accept_len, plain_tps = speed[gamma]["accept_length"], speed[0]["tokens_per_s"]
@@ -2726,9 +2790,22 @@ def run_benchmark(args):
             piece["achieved_over_ideal"] = piece["speedup"] / piece["ideal_speedup"]
             rows.append(piece)
             print(f"{B:5d} {'on' if graphs else 'off':>6} " + " ".join(f"{speed[g]['tokens_per_s']:7.0f}" for g in gammas)
-                  + f" {speed['auto']['chosen']:5d} {speed['auto']['tokens_per_s'] / best:8.2f}x")
-    print("  tokens/s of the same held-out prompts; 'chose': the gamma auto picked from its measured round costs "
-          "(a plain step for 0) and running acceptance; auto/best: auto over the best fixed choice")
+                  + f" {most_chosen(speed['auto']['chosen']):5d} {speed['auto']['tokens_per_s'] / best:8.2f}x "
+                  f"[{interval[0]:.2f}, {interval[1]:.2f}] {speed[0]['calls']:5d}")
+    print("  tokens/s over the same held-out prompts and seeds in every mode, modes alternated call by call; 'chose':\n"
+          "  the gamma auto picked most often; auto/best: auto over the best of plain and every fixed gamma, with a\n"
+          "  90% paired bootstrap interval over calls")
+    for graphs, chooser in choosers.items():
+        print(f"\nwhy auto chose what it did (CUDA graphs {'on' if graphs else 'off'}): its measured cost of one round "
+              f"C(B, gamma) in ms (gamma 0: a plain step),\nthe tokens a round advances the batch E(gamma) from Eq. 12 "
+              f"with its acceptance estimates {'/'.join(f'{a:.2f}' for a in chooser.alphas)}, and E / C")
+        for (B, P, T, _), costs in ((shape, c) for shape, c in chooser.costs.items() if shape[3] == graphs):
+            eff = chooser.efficiency.get((B, P, T, graphs), 1.0)
+            rates = [chooser.expected_tokens(g, eff) / c for g, c in enumerate(costs)]
+            pick = chooser.choose(costs, eff)
+            print(f"  batch {B:3d}: " + "  ".join(f"g{g} {c * 1e3:.2f}ms {chooser.expected_tokens(g, eff):.2f} "
+                                                f"{r:.0f}/s" + ("*" if g == pick else "")
+                                                for g, (c, r) in enumerate(zip(costs, rates))))
     print(f"\npieces of a gamma = {gamma} round")
     print(f"{'batch':>5} {'graphs':>6} {'speedup':>7} {'len':>5} {'t_plain':>8} {'t_verify':>8} {'t_draft':>8} {'t_step':>8} "
           f"{'other':>5} {'ideal':>6} {'ach/ideal':>9} {'ceiling':>7}")
@@ -2749,27 +2826,22 @@ def run_benchmark(args):
               + (f"; CUDA graphs make the round {eager['t_spec_step'] / graphed['t_spec_step']:.1f}x faster "
                  f"and the plain step {eager['t_plain'] / graphed['t_plain']:.1f}x" if graphed else ""))
 
-    grpo = {}
-    for kind, roll_kind, g in (("plain", "ar", gamma), ("spec", "spec", gamma), ("auto", "spec", "auto")):
-        m = GPT(cfg).to(device)    # one GRPO step = rollouts + one policy update, from the same weights
-        m.load_state_dict(model.state_dict())
-        tcr = TrainConfig(**{**asdict(tc), "rollout": roll_kind, "gamma": g, "rl_steps": 4, "ckpt_every": 10**9})
-        bench_run = Run(os.path.join(args.out, f"bench_grpo_{kind}"), tcr, cfg, resume=False, overwrite=True,
-                        first_stage="grpo")
-        extra = {}
-        train_grpo(bench_run, m, task, torch.Generator().manual_seed(0), torch.Generator(device).manual_seed(1),
-                   device, extra)
-        steps = extra["recent"][1:]   # the first step also captures graphs, picks kernels, profiles: not timed
-        grpo[kind] = dict(step_s=sum(s["step_s"] for s in steps) / len(steps),
-                          rollout_s=sum(s["rollout_s"] for s in steps) / len(steps), gamma=[s["gamma"] for s in steps])
+    grpo = time_grpo_steps(model, task, tc, device, {"plain": ("ar", gamma), "spec": ("spec", gamma),
+                                                     "auto": ("spec", "auto")})
+    for kind, r in grpo.items():
         rows.append(dict(mode="grpo_step", rollout=kind, batch=tc.rl_prompts * tc.group_size, cuda_graphs=tc.cuda_graphs
-                         and cuda, seconds=grpo[kind]["step_s"], rollout_seconds=grpo[kind]["rollout_s"]))
+                         and cuda, seconds=r["step_s"], rollout_seconds=r["rollout_s"], steps=r["steps"],
+                         **({"plain_over_this_90": r["plain_over_this_90"], "gamma": r["gamma"]} if kind != "plain" else {})))
     tv = tv_memory_benchmark(device)
-    print(f"\nGRPO step ({tc.rl_prompts} prompts x {tc.group_size}, mean of 3 after one warm-up step): plain rollouts "
-          f"{grpo['plain']['step_s']:.3f} s ({grpo['plain']['rollout_s']:.3f} s rollout), gamma {gamma} "
-          f"{grpo['spec']['step_s']:.3f} s ({grpo['spec']['rollout_s']:.3f} s, {grpo['plain']['step_s'] / grpo['spec']['step_s']:.2f}x), "
-          f"auto {grpo['auto']['step_s']:.3f} s ({grpo['auto']['rollout_s']:.3f} s, "
-          f"{grpo['plain']['step_s'] / grpo['auto']['step_s']:.2f}x; chose gamma {grpo['auto']['gamma']})")
+    n = grpo["plain"]["steps"]
+    speedup = lambda k: (f"{grpo['plain']['step_s'] / grpo[k]['step_s']:.2f}x [{grpo[k]['plain_over_this_90'][0]:.2f}, "
+                         f"{grpo[k]['plain_over_this_90'][1]:.2f}]")
+    print(f"\nGRPO step ({tc.rl_prompts} prompts x {tc.group_size}; mean of {n} steps after one warm-up step, the kinds "
+          f"alternated step by step on the same prompts): plain rollouts {grpo['plain']['step_s']:.3f} s "
+          f"({grpo['plain']['rollout_s']:.3f} s rollout); gamma {gamma} {grpo['spec']['step_s']:.3f} s "
+          f"({grpo['spec']['rollout_s']:.3f} s), {speedup('spec')} plain's speed; auto {grpo['auto']['step_s']:.3f} s "
+          f"({grpo['auto']['rollout_s']:.3f} s), {speedup('auto')}, chose gamma {grpo['auto']['gamma']}; [90% paired "
+          f"bootstrap interval over steps]")
     print(f"TV loss + head matmul, forward + backward, {tv['lean_tv']['rows']} rows x vocab {tv['lean_tv']['vocab']}, "
           f"hidden {tv['lean_tv']['hidden']}: peak memory above the inputs, each in its own process "
           f"({'max_memory_allocated' if cuda else 'peak RSS'}): per-step TV plain autograd "
@@ -2785,6 +2857,46 @@ def run_benchmark(args):
     with open(os.path.join(args.out, "bench_details.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
+
+
+def time_grpo_steps(model: GPT, task: DigitSumTask, tc: TrainConfig, device, kinds: dict, steps: int = 6):
+    """Seconds of one GRPO step (grpo_step: rollouts + one update) with each kind of rollout, side by side:
+    kinds {name: (rollout, gamma)}, each with its own copy of the model, optimizer, chooser and graphs, the
+    kinds alternated step by step on the same prompts and rollout seed; one untimed step of each first
+    (kernel selection, graph captures, auto's cost profile). Returns {name: dict(step_s, rollout_s, steps,
+    gamma (per timed step), plain_over_this_90 (90% paired interval of plain's step time over this one))}."""
+    runs = {}
+    for name, (roll_kind, g) in kinds.items():
+        m = GPT(model.config).to(device)
+        m.load_state_dict(model.state_dict())
+        tck = TrainConfig(**{**asdict(tc), "rollout": roll_kind, "gamma": g})
+        policy = rollout_weights(m, tck.precision)
+        runs[name] = dict(model=m, policy=policy, tc=tck,
+                          opt=torch.optim.AdamW(backbone_parameters(m), lr=tck.rl_lr, betas=(0.9, 0.95), weight_decay=0.0),
+                          chooser=DraftLengthChooser(m.config.mtp_train_steps) if g == "auto" else None,
+                          graphs=CudaGraphs(policy) if tck.cuda_graphs and cuda_graphs_supported(device) else None,
+                          secs=[], rollout=[], gamma=[])
+    gen_data = torch.Generator().manual_seed(0)
+    for step in range(steps + 1):
+        idx, S, N = task.prompts(tc.rl_prompts, gen_data)
+        prompts = tuple(x.repeat_interleave(tc.group_size, 0).to(device) for x in (idx, S, N))
+        for r in runs.values():
+            refresh_rollout_weights(r["policy"], r["model"])
+            gen = torch.Generator(device).manual_seed(1000 + step)
+            dt, (_, m) = seconds(lambda: grpo_step(r["model"], r["policy"], r["opt"], task, r["tc"], prompts, gen,
+                                                   chooser=r["chooser"], graphs=r["graphs"]), device)
+            if step > 0:   # the first step also captures graphs, picks kernels, profiles: not timed
+                r["secs"].append(dt)
+                r["rollout"].append(m["rollout_s"])
+                r["gamma"].append(m["gamma"])
+    plain = runs[next(iter(kinds))]["secs"]   # the first kind is the reference
+    out = {}
+    for name, r in runs.items():
+        ones = {k: [1.0] * steps for k in ("ref", "this")}   # one step's work each: rate = steps / seconds
+        lo_hi = paired_interval(ones, {"ref": plain, "this": r["secs"]}, "this", ["ref"])
+        out[name] = dict(step_s=sum(r["secs"]) / steps, rollout_s=sum(r["rollout"]) / steps, steps=steps,
+                         gamma=r["gamma"], plain_over_this_90=lo_hi)
+    return out
 
 
 def device_name(device) -> str:
@@ -2986,11 +3098,12 @@ def summarize(model, task, tc: TrainConfig, held_out, extra, t_start, out, devic
     policy = rollout_weights(model, tc.precision)
     reward_after, accuracy_after = evaluate(policy, task, held_out, tc.seed, tc.gamma, temperature=tc.temperature)
     graphs = CudaGraphs(policy) if tc.cuda_graphs and cuda_graphs_supported(device) else None
-    batch = held_out[0][:tc.rl_prompts * tc.group_size]
+    B = tc.rl_prompts * tc.group_size
     gamma = tc.gamma if tc.gamma != "auto" else BENCH_GAMMA
     modes = [0, gamma] + (["auto"] if tc.gamma == "auto" else [])
-    at_rl = time_rollouts(policy, batch, task.max_new_tokens, modes, EOS, graphs=graphs)
-    at_1 = time_rollouts(policy, batch[:1], task.max_new_tokens, modes, EOS, repeats=10, graphs=graphs)
+    each = 0.1 if tc.preset == "tiny" else 2.0   # seconds of decoding per mode (tiny: a smoke test)
+    at_rl = time_rollouts(policy, held_out[0], B, task.max_new_tokens, modes, EOS, each, graphs=graphs)
+    at_1 = time_rollouts(policy, held_out[0], 1, task.max_new_tokens, modes, EOS, each, graphs=graphs)
     spec = tc.gamma   # what the RL rollouts used: a fixed gamma, or auto
     ar_tps, spec_tps, ar_tps1, spec_tps1 = (at_rl[0]["tokens_per_s"], at_rl[spec]["tokens_per_s"],
                                             at_1[0]["tokens_per_s"], at_1[spec]["tokens_per_s"])
@@ -3003,7 +3116,7 @@ def summarize(model, task, tc: TrainConfig, held_out, extra, t_start, out, devic
         accept_length=(sum(m["kept_tokens"] for m in recent) / sum(m["row_rounds"] for m in recent)
                        if sum(m["row_rounds"] for m in recent) else 1.0),   # 1.0: plain decoding throughout
         entropy=sum(m["entropy"] for m in recent) / max(1, len(recent)),
-        rollout_speedup=spec_tps / ar_tps, rollout_batch=batch.size(0),
+        rollout_speedup=spec_tps / ar_tps, rollout_batch=B,
         tokens_per_s=dict(plain=ar_tps, speculative=spec_tps),
         rollout_speedup_batch1=spec_tps1 / ar_tps1, recent_steps=len(recent), smoke_test=tc.preset == "tiny",
         speed={str(g): dict(batch=at_rl[g], batch1=at_1[g]) for g in modes},
@@ -3023,9 +3136,9 @@ def summarize(model, task, tc: TrainConfig, held_out, extra, t_start, out, devic
     line = lambda label, r: (f"  rollout speed, {label:<22}" + ", ".join(
         f"{'plain' if g == 0 else 'gamma ' + str(g)} {r[g]['tokens_per_s']:.0f}" for g in modes)
         + f" tok/s -> {r[spec]['tokens_per_s'] / r[0]['tokens_per_s']:.2f}x plain"
-        + (f" (auto chose gamma {r['auto']['chosen']})" if spec == "auto" else ""))
+        + (f" (auto chose gamma {most_chosen(r['auto']['chosen'])})" if spec == "auto" else ""))
     fixed_slower = at_rl[gamma]["tokens_per_s"] < at_rl[0]["tokens_per_s"]
-    why = (f"\n  At batch {batch.size(0)} a fixed gamma = {gamma} is slower than plain decoding here: the verify forward "
+    why = (f"\n  At batch {B} a fixed gamma = {gamma} is slower than plain decoding here: the verify forward "
            f"of {gamma + 1} tokens per row is\n  compute bound at that batch on this device, so it costs nearly "
            f"{gamma + 1} plain steps; drafting pays where a forward is latency\n  bound (small batches), which "
            f"is what gamma auto measures. `python bebop.py --bench` shows the crossover." if fixed_slower else "")
@@ -3041,7 +3154,7 @@ What happened{smoke}
     tokens per policy forward            {summary['accept_length']:.2f}
     policy entropy per token             {summary['entropy']:.3f} nats
   draft length used by the RL rollouts   {chosen or 'n/a (plain rollouts)'}
-{line(f"batch {batch.size(0)}", at_rl)}
+{line(f"batch {B}", at_rl)}
 {line("batch 1", at_1)}{why}
   wall time                            {summary['wall_seconds']:.0f} s; summary in {os.path.join(out, 'summary.json')}""")
     return summary

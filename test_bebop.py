@@ -1225,7 +1225,7 @@ def test_cuda_graphs_are_refused_where_they_cannot_run(drafted_model, monkeypatc
 
 def test_the_draft_length_rule_on_synthetic_costs():
     """argmax E(gamma)/C(gamma), E from Eq. 12: known optima, gamma = 0 (plain) among them."""
-    c = bebop.DraftLengthChooser(3, alphas=[0.9, 0.9, 0.9])
+    c = bebop.DraftLengthChooser(3, alphas=[0.9, 0.9, 0.9], prior_tokens=0.0)
     # E = 1, 1.9, 2.71, 3.439; latency-bound costs (a round costs little more than a plain step): longest wins
     assert c.choose([1.0, 1.1, 1.2, 1.3]) == 3
     # compute-bound: a round costs (gamma + 1) plain steps plus drafting: plain decoding wins
@@ -1242,6 +1242,39 @@ def test_the_draft_length_rule_on_synthetic_costs():
     assert c.alphas == pytest.approx([0.5, 0.9, 0.9])
     c.observe(dict(drafts_accepted=[15, 8, 0], drafts_reached=[20, 10, 0]))  # then averaged in (weight 0.5)
     assert c.alphas == pytest.approx([0.625, 0.8, 0.9])
+
+
+def test_one_unlucky_call_does_not_switch_drafting_off():
+    """The critical-path efficiency is pooled over calls from a prior: one unlucky call of one row (25 tokens
+    in 12 rounds where Eq. 12 expects about 7) moves it only part of the way, where alone it would switch
+    drafting off; many calls reach their pooled ratio, here 0.8 of Eq. 12's drafted part."""
+    costs = [1.0, 1.6, 2.0, 2.4]                          # batch-1-like costs measured on this CPU
+    alone = bebop.DraftLengthChooser(3, alphas=[0.9, 0.9, 0.9], prior_tokens=0.0)
+    c = bebop.DraftLengthChooser(3, alphas=[0.9, 0.9, 0.9])
+    for chooser in (alone, c):
+        chooser.observe_batch("B1", 3, longest=25, rounds=12)
+    assert alone.efficiency["B1"] < 0.45 and alone.choose(costs, alone.efficiency["B1"]) == 0
+    assert 0.65 < c.efficiency["B1"] < 0.8 and c.choose(costs, c.efficiency["B1"]) == 3
+    for _ in range(50):
+        c.observe_batch("B1", 3, longest=1 + round(100 * (1 + 0.8 * 2.439)), rounds=100)
+    assert c.efficiency["B1"] == pytest.approx(0.8, abs=0.01)
+    state = c.state()
+    d = bebop.DraftLengthChooser(3)
+    d.load(state)
+    assert d.drafted == c.drafted and d.efficiency == c.efficiency
+
+
+def test_round_costs_are_the_line_through_the_timings():
+    """A fixed part plus a part per drafted token: the line recovers both from noisy timings, so noise cannot
+    make a longer draft look cheaper than a shorter one; with two timings there is no line to fit."""
+    g = torch.Generator().manual_seed(0)
+    noisy = [2.0 + 0.5 * k + 0.3 * float(torch.rand((), generator=g) - 0.5) for k in range(1, 6)]
+    noisy[1], noisy[3] = noisy[3], noisy[1]                 # gamma 2 timed dearer than gamma 4
+    line = bebop.round_cost_line(noisy)
+    steps = [b - a for a, b in zip(line, line[1:])]
+    assert all(s == pytest.approx(steps[0]) for s in steps) and 0.3 < steps[0] < 0.7
+    assert sum(line) == pytest.approx(sum(noisy))
+    assert bebop.round_cost_line([1.0, 3.0]) == [1.0, 3.0]
 
 
 # ----------------------------------------------------------------------------- 10. data parallelism
@@ -1604,17 +1637,38 @@ def test_bench_writes_the_table(tmp_path):
     for r in decoding:
         assert r["cuda_graphs"] is False and r["tokens_per_s"] > 0
         assert r["accept_length"] == 1.0 if r["mode"] == "plain" else r["accept_length"] >= 1.0
+        assert r["calls"] >= 6
         if r.get("gamma") == "auto":
-            assert r["chosen"] in range(6) and r["auto_over_best"] > 0
+            assert set(r["chosen"]) <= {str(g) for g in range(6)} and sum(r["chosen"].values()) == r["calls"]
+            lo, hi = r["auto_over_best_90"]
+            assert 0 < lo <= hi and r["auto_over_best"] > 0
     assert any(r["accept_length"] > 1 for r in decoding if r["mode"] == "spec")
     for r in (r for r in rows if r["mode"] == "pieces"):
         assert r["t_spec_step"] > r["t_verify"] > 0 and 0 < r["achieved_over_ideal"]
         assert r["launches_spec_step"] > r["launches_plain"] > 0
     assert {r["rollout"] for r in rows if r["mode"] == "grpo_step"} == {"plain", "spec", "auto"}
-    assert all(r["seconds"] > 0 for r in rows if r["mode"] == "grpo_step")
+    for r in (r for r in rows if r["mode"] == "grpo_step"):
+        assert r["seconds"] > 0 and r["steps"] == 6
+        if r["rollout"] != "plain":
+            assert len(r["gamma"]) == 6 and r["plain_over_this_90"][0] <= r["plain_over_this_90"][1]
     tv = result["tv_loss"]
     assert tv["lean_tv"]["peak_mb"] < tv["plain_tv"]["peak_mb"] / 2
     assert tv["lean_e2e"]["peak_mb"] < tv["plain_e2e"]["peak_mb"] / 2
+
+
+def test_paired_interval_of_a_known_ratio():
+    """Mode b does each call's work in half a's time, up to noise shared by the modes within a call (as
+    when a burst of other work slows one call of every mode): the interval is tight around 2."""
+    g = torch.Generator().manual_seed(0)
+    work = [float(w) for w in torch.randint(50, 150, (30,), generator=g)]
+    burst = (1 + torch.rand(30, generator=g)).tolist()
+    secs = {"a": [w / 100 * s for w, s in zip(work, burst)], "b": [w / 200 * s for w, s in zip(work, burst)]}
+    lo, hi = bebop.paired_interval({"a": work, "b": work}, secs, "b", ["a"])
+    assert lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+    # Noise of its own in each mode widens the interval, which still covers the truth.
+    own = {k: [t * (0.8 + 0.4 * float(torch.rand((), generator=g))) for t in v] for k, v in secs.items()}
+    lo, hi = bebop.paired_interval({"a": work, "b": work}, own, "b", ["a"])
+    assert lo < 2.0 < hi and hi - lo > 0.05
 
 
 def test_memory_lean_tv_peak_is_at_most_half_of_plain_autograd():
