@@ -1641,7 +1641,7 @@ def test_bench_writes_the_table(tmp_path):
         if r.get("gamma") == "auto":
             assert set(r["chosen"]) <= {str(g) for g in range(6)} and sum(r["chosen"].values()) == r["calls"]
             lo, hi = r["auto_over_best_90"]
-            assert 0 < lo <= hi and r["auto_over_best"] > 0
+            assert 0 < lo <= hi and r["auto_over_best"] > 0 and r["auto_over_held_out_best"] > 0
     assert any(r["accept_length"] > 1 for r in decoding if r["mode"] == "spec")
     for r in (r for r in rows if r["mode"] == "pieces"):
         assert r["t_spec_step"] > r["t_verify"] > 0 and 0 < r["achieved_over_ideal"]
@@ -1669,6 +1669,14 @@ def test_paired_interval_of_a_known_ratio():
     own = {k: [t * (0.8 + 0.4 * float(torch.rand((), generator=g))) for t in v] for k, v in secs.items()}
     lo, hi = bebop.paired_interval({"a": work, "b": work}, own, "b", ["a"])
     assert lo < 2.0 < hi and hi - lo > 0.05
+
+
+def test_held_out_best_picks_on_one_half_and_times_on_the_other():
+    work = {"a": [1.0] * 4, "b": [1.0] * 4}
+    assert bebop.held_out_best(work, {"a": [1.0] * 4, "b": [2.0] * 4}, ["a", "b"]) == pytest.approx(1.0)
+    # b looks fast on the even calls only: picked there, it is timed on the odd ones (and a on the even ones)
+    secs = {"a": [1.0, 1.0, 1.0, 1.0], "b": [0.5, 2.0, 0.5, 2.0]}
+    assert bebop.held_out_best(work, secs, ["a", "b"]) == pytest.approx(4 / 6)
 
 
 def test_memory_lean_tv_peak_is_at_most_half_of_plain_autograd():
