@@ -1400,7 +1400,8 @@ class CudaGraphs:
 # the device and the acceptance: at a batch where the verify forward is compute bound, checking gamma+1
 # tokens costs nearly gamma+1 plain steps. gamma="auto" picks, once per call, the draft length with the most
 # expected tokens per second, E(gamma) / C(B, gamma): E from Eq. 12 with running per-depth acceptance, C the
-# measured cost of one round at this batch shape (a plain step for gamma = 0, which then decodes plainly).
+# measured cost of one round at this batch shape (a plain step for gamma = 0, which then decodes plainly);
+# after a run of plain calls it drafts once, so that its estimates stay current.
 # The choice sees only earlier calls and the costs, never the target's probabilities of the call it decides,
 # and every gamma is exact, so sampling stays exact (the tests force a schedule through every gamma).
 
@@ -1465,8 +1466,11 @@ class DraftLengthChooser:
     1): one call at batch 1 is a handful of rounds of one row, too noisy to decide alone, and an unlucky one
     would otherwise switch drafting off at that shape for good. Predictions for every gamma use it."""
 
-    def __init__(self, max_gamma: int, alphas=None, smoothing: float = 0.5, prior_tokens: float = 32.0):
+    def __init__(self, max_gamma: int, alphas=None, smoothing: float = 0.5, prior_tokens: float = 32.0,
+                 explore_every: int = 8):
         self.max_gamma, self.smoothing, self.prior_tokens = max_gamma, smoothing, prior_tokens
+        self.explore_every = explore_every
+        self.plain_streak = {}   # (B, P, max_new_tokens, graphs) -> plain calls in a row at that shape
         self.alphas = list(alphas) if alphas is not None else [0.8] * max_gamma
         self.observed = [0] * max_gamma   # measurements folded in, per depth
         self.costs = {}      # (B, P, max_new_tokens, graphs) -> seconds per step for gamma = 0..max_gamma
@@ -1483,6 +1487,19 @@ class DraftLengthChooser:
         rate = [self.expected_tokens(g, efficiency) / c for g, c in enumerate(costs)]
         return max(range(len(rate)), key=lambda g: (rate[g], -g))
 
+    def pick(self, shape) -> int:
+        """choose() for a profiled shape, except that after `explore_every` plain calls in a row there it drafts
+        once with the best-rated gamma > 0. A chooser that only decodes plainly measures nothing about drafting
+        at that shape again, so one unlucky call, or acceptance that rises during RL, would keep it plain."""
+        costs, efficiency = self.costs[shape], self.efficiency.get(shape, 1.0)
+        gamma = self.choose(costs, efficiency)
+        streak = self.plain_streak.get(shape, 0) + 1 if gamma == 0 else 0
+        if streak > self.explore_every:
+            gamma = max(range(1, len(costs)), key=lambda g: (self.expected_tokens(g, efficiency) / costs[g], -g))
+            streak = 0
+        self.plain_streak[shape] = streak
+        return gamma
+
     def observe_batch(self, shape, gamma: int, longest: int, rounds: int):
         """Fold in a call's critical-path advance (its longest row kept `longest` tokens in `rounds` rounds)."""
         drafted = tokens_per_forward(self.alphas[:gamma]) - 1
@@ -1493,12 +1510,14 @@ class DraftLengthChooser:
 
     def state(self) -> dict:
         return dict(alphas=list(self.alphas), observed=list(self.observed), costs=dict(self.costs),
-                    drafted=dict(self.drafted), efficiency=dict(self.efficiency), chosen=dict(self.chosen))
+                    drafted=dict(self.drafted), efficiency=dict(self.efficiency), chosen=dict(self.chosen),
+                    plain_streak=dict(self.plain_streak))
 
     def load(self, state: dict):
         self.alphas, self.observed = list(state["alphas"]), list(state["observed"])
         self.costs, self.efficiency, self.chosen = dict(state["costs"]), dict(state["efficiency"]), dict(state["chosen"])
-        self.drafted = dict(state.get("drafted", {}))   # absent from checkpoints made before it was kept
+        # Absent from checkpoints made before they were kept:
+        self.drafted, self.plain_streak = dict(state.get("drafted", {})), dict(state.get("plain_streak", {}))
 
     def observe(self, stats):
         """Fold a call's counted per-depth acceptance into the estimates (depths it did not reach keep theirs)."""
@@ -1510,14 +1529,15 @@ class DraftLengthChooser:
 
 
 def adaptive_generate(model: GPT, prompt, max_new_tokens: int, chooser: DraftLengthChooser, **kwargs):
-    """gamma="auto": profile this batch shape once, pick gamma, decode (plainly for gamma = 0), learn."""
+    """gamma="auto": profile this batch shape once, pick gamma (exploring drafting now and then where plain
+    decoding wins), decode (plainly for gamma = 0), learn."""
     B = len(prompt)
     P = prompt.size(1) if isinstance(prompt, torch.Tensor) else max(len(r) for r in prompt)
     graphs = kwargs.get("graphs") is not None
     shape = (B, P, int(max_new_tokens), graphs)
     if shape not in chooser.costs:
         chooser.costs[shape] = round_costs(model, B, P, int(max_new_tokens), chooser.max_gamma, graphs)
-    gamma = chooser.choose(chooser.costs[shape], chooser.efficiency.get(shape, 1.0))
+    gamma = chooser.pick(shape)
     chooser.chosen[gamma] = chooser.chosen.get(gamma, 0) + 1
     if gamma == 0:
         kwargs.pop("draft")

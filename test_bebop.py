@@ -1264,6 +1264,22 @@ def test_one_unlucky_call_does_not_switch_drafting_off():
     assert d.drafted == c.drafted and d.efficiency == c.efficiency
 
 
+def test_auto_drafts_once_after_a_run_of_plain_calls(drafted_model, monkeypatch):
+    """Costs where plain decoding always wins (a round of gamma costs gamma + 2 plain steps, more than the
+    gamma + 1 tokens it can yield): every (explore_every + 1)-th call drafts anyway, the others decode plainly."""
+    K = drafted_model.config.mtp_train_steps
+    monkeypatch.setattr(bebop, "round_costs", lambda *a, **k: [1.0] + [g + 2.0 for g in range(1, K + 1)])
+    chooser = bebop.DraftLengthChooser(K, explore_every=3)
+    prompt = torch.randint(0, 8, (2, 5), generator=torch.Generator().manual_seed(0))
+    gammas = [bebop.speculative_generate(drafted_model, prompt, 6, gamma="auto", chooser=chooser,
+                                         generator=torch.Generator().manual_seed(i)).stats["gamma"] for i in range(8)]
+    assert gammas[:3] == [0, 0, 0] and gammas[3] > 0 and gammas[4:7] == [0, 0, 0] and gammas[7] > 0, gammas
+    assert chooser.observed[0] == 2                     # each drafting call fed the acceptance estimates
+    resumed = bebop.DraftLengthChooser(K, explore_every=3)
+    resumed.load(chooser.state())
+    assert resumed.plain_streak == chooser.plain_streak
+
+
 def test_round_costs_are_the_line_through_the_timings():
     """A fixed part plus a part per drafted token: the line recovers both from noisy timings, so noise cannot
     make a longer draft look cheaper than a shorter one; with two timings there is no line to fit."""
