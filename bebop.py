@@ -1942,6 +1942,16 @@ def train_mtp(run: Run, model: GPT, task: DigitSumTask, gen_data, device, data=N
               lambda m: f"{m['objective']} {m['loss']:.3f}")
 
 
+def rl_optimizer(model: GPT, tc: TrainConfig):
+    """GRPO's optimizer: AdamW over the backbone (an online MTP layer gets its own, see train_grpo)."""
+    return torch.optim.AdamW(backbone_parameters(model), lr=tc.rl_lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+def rollout_graphs(policy: GPT, tc: TrainConfig, device):
+    """The rollout weights' own CudaGraphs where the run asks for graphs and the device has them, else None."""
+    return CudaGraphs(policy) if tc.cuda_graphs and cuda_graphs_supported(device) else None
+
+
 def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, device, extra, probe=None):
     """The GRPO stage: grpo_step repeated, with a frozen MTP layer by default (the recipe), around it what
     a run needs: this rank's prompts, the rollout weights and their CUDA graphs, the draft-length chooser
@@ -1950,11 +1960,11 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
     that wrote the step's rollouts (`state`, the model's state dict before the update): the experiments
     measure several heads that way."""
     tc, world, G = run.train, run.world, run.train.group_size
-    opt = torch.optim.AdamW(backbone_parameters(model), lr=tc.rl_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = rl_optimizer(model, tc)
     mtp_opt = [] if tc.mtp_online == "none" else [   # paper 5.3: own optimizer, learning rate and clipping
         torch.optim.AdamW(model.mtp.parameters(), lr=tc.mtp_online_lr, betas=(0.9, 0.95), weight_decay=0.0)]
     policy = rollout_weights(model, tc.precision)   # what rollouts run on (model itself in fp32)
-    graphs = CudaGraphs(policy) if tc.cuda_graphs and cuda_graphs_supported(device) else None
+    graphs = rollout_graphs(policy, tc, device)
     K = model.config.mtp_train_steps
     chooser = DraftLengthChooser(K) if tc.gamma == "auto" else None   # owned by this loop: costs profiled once
     depth = K if tc.gamma == "auto" else tc.gamma                       # draft depths logged per step
@@ -2910,9 +2920,9 @@ def time_grpo_steps(model: GPT, task: DigitSumTask, tc: TrainConfig, device, kin
         tck = TrainConfig(**{**asdict(tc), "rollout": roll_kind, "gamma": g})
         policy = rollout_weights(m, tck.precision)
         runs[name] = dict(model=m, policy=policy, tc=tck,
-                          opt=torch.optim.AdamW(backbone_parameters(m), lr=tck.rl_lr, betas=(0.9, 0.95), weight_decay=0.0),
+                          opt=rl_optimizer(m, tck),
                           chooser=DraftLengthChooser(m.config.mtp_train_steps) if g == "auto" else None,
-                          graphs=CudaGraphs(policy) if tck.cuda_graphs and cuda_graphs_supported(device) else None,
+                          graphs=rollout_graphs(policy, tck, device),
                           secs=[], rollout=[], gamma=[])
     gen_data = torch.Generator().manual_seed(0)
     for step in range(steps + 1):
@@ -3135,7 +3145,7 @@ def summarize(model, task, tc: TrainConfig, held_out, extra, t_start, out, devic
     """Evaluate after RL, time speculative against plain decoding side by side, print and save."""
     policy = rollout_weights(model, tc.precision)
     reward_after, accuracy_after = evaluate(policy, task, held_out, tc.seed, tc.gamma, temperature=tc.temperature)
-    graphs = CudaGraphs(policy) if tc.cuda_graphs and cuda_graphs_supported(device) else None
+    graphs = rollout_graphs(policy, tc, device)
     B = tc.rl_prompts * tc.group_size
     gamma = tc.gamma if tc.gamma != "auto" else BENCH_GAMMA
     modes = [0, gamma] + (["auto"] if tc.gamma == "auto" else [])
