@@ -1411,7 +1411,7 @@ def round_costs(model: GPT, B: int, P: int, max_new_tokens: int, max_gamma: int,
                 repeats: int = 5) -> list:
     """Seconds of one decoding step at batch B, prompt length P: [plain step, round with gamma = 1..max_gamma],
     each eager or replayed as a CUDA graph, measured with the caches of a real call; the rounds' costs as the
-    line through them (round_cost_line)."""
+    line through them (round_cost_line). Eager steps include the loop's host read of `done`, as in a call."""
     device = model.lm_head.weight.device
     gen = torch.Generator(device).manual_seed(0)
     idx = torch.randint(0, model.config.vocab_size, (B, P), device=device, generator=gen)
@@ -1425,10 +1425,11 @@ def round_costs(model: GPT, B: int, P: int, max_new_tokens: int, max_gamma: int,
         functools.partial(lambda g, k: speculative_round(model, caches, spec, k, 1.0, False, None, max_new_tokens,
                                                          generator=g), k=k) for k in range(1, max_gamma + 1)]
     calls = []
-    for fn in steps:
+    for fn, state in zip(steps, [plain] + [spec] * max_gamma):
         g = torch.Generator(device).manual_seed(1)
         fn = functools.partial(fn, g)
-        calls.append(capture_cuda_graph(fn, tensors, g) if cuda_graphs else fn)
+        calls.append(capture_cuda_graph(fn, tensors, g) if cuda_graphs else
+                     functools.partial(lambda fn, state: (fn(), bool(state.done.all())), fn, state))
     # Blocks of every step interleaved, the best block of each kept: a burst of other work on a shared
     # machine only adds time, and cannot land on one gamma's measurement alone.
     costs = [math.inf] * len(calls)
@@ -1436,6 +1437,23 @@ def round_costs(model: GPT, B: int, P: int, max_new_tokens: int, max_gamma: int,
         for i, fn in enumerate(calls):
             costs[i] = min(costs[i], timed(fn, repeats, device, blocks=1))
     return costs[:1] + round_cost_line(costs[1:])
+
+
+@torch.no_grad()
+def prefill_costs(model: GPT, B: int, P: int, max_new_tokens: int, max_gamma: int) -> list:
+    """Seconds of a call's parts outside its decoding steps, [plain, speculative]: the caches, the prefill
+    (the speculative one also feeds the MTP layer the prompt) and the ending. adaptive_generate subtracts
+    them from a call's wall time to learn the cost of its steps."""
+    device = model.lm_head.weight.device
+    idx = torch.randint(0, model.config.vocab_size, (B, P), device=device, generator=torch.Generator(device))
+    lengths = torch.full((B,), P, device=device)
+    S = P + max_new_tokens + max_gamma
+    def call(speculative):
+        caches = Caches(model, B, S)
+        s = (speculative_prefill(model, caches, idx, lengths, max_new_tokens, max_gamma, 1.0, None, None)
+             if speculative else plain_prefill(model, caches, idx, lengths, max_new_tokens, 1.0, None, None))
+        finish(idx, lengths, False, s, max_new_tokens, None, {})
+    return [timed(functools.partial(call, speculative), 3, device) for speculative in (False, True)]
 
 
 def round_cost_line(costs):
@@ -1454,9 +1472,16 @@ def round_cost_line(costs):
 class DraftLengthChooser:
     """Chooses gamma for each call from measured round costs and running acceptance.
 
-    alphas: per-depth acceptance estimates (the prior: e.g. the MTP training's teacher-forced acceptance),
+    alphas: per-depth acceptance estimates (the prior: e.g. the MTP training's teacher-forced acceptance;
+    without one, 0.8 at every depth, and depths not yet measured follow the deepest measured one),
     replaced by each call's counted acceptance (an exponential average with weight `smoothing` on the new
-    call) for the depths that call reached. Costs are profiled once per batch shape and kept.
+    call) for the depths that call reached.
+
+    Costs: each batch shape is profiled once (round_costs: each step alone, at its best); then every call
+    measures the cost of the steps it ran, which include what the profile leaves out (the loop around the
+    steps, caches in use, other work on the machine). C(B, gamma) pools each gamma's measured seconds per
+    step with its profiled cost, counted as `prior_steps` steps and rescaled by how the calls at this shape
+    compare with the profile overall; a gamma not yet run there is that rescaled profile.
 
     A batch finishes when its slowest row does, so what a round buys the batch is the advance of its
     critical path, (longest row's tokens - 1) / rounds, which falls short of the mean E(gamma) of Eq. 12 more
@@ -1464,41 +1489,70 @@ class DraftLengthChooser:
     at the end mark). Per batch shape, `efficiency` is the ratio of the two drafted parts, advance - 1 over
     E(gamma) - 1, pooled over the calls (sums of both, starting from `prior_tokens` drafted tokens at ratio
     1): one call at batch 1 is a handful of rounds of one row, too noisy to decide alone, and an unlucky one
-    would otherwise switch drafting off at that shape for good. Predictions for every gamma use it."""
+    would otherwise switch drafting off at that shape for good. Predictions for every gamma use it.
+
+    A chooser that keeps picking one gamma learns nothing more about the others, so it runs the runner-up
+    now and then (pick)."""
 
     def __init__(self, max_gamma: int, alphas=None, smoothing: float = 0.5, prior_tokens: float = 32.0,
-                 explore_every: int = 8):
+                 prior_steps: float = 16.0, explore_every: int = 8):
         self.max_gamma, self.smoothing, self.prior_tokens = max_gamma, smoothing, prior_tokens
-        self.explore_every = explore_every
-        self.plain_streak = {}   # (B, P, max_new_tokens, graphs) -> plain calls in a row at that shape
+        self.prior_steps, self.explore_every = prior_steps, explore_every
+        self.follow_deepest = alphas is None
         self.alphas = list(alphas) if alphas is not None else [0.8] * max_gamma
         self.observed = [0] * max_gamma   # measurements folded in, per depth
-        self.costs = {}      # (B, P, max_new_tokens, graphs) -> seconds per step for gamma = 0..max_gamma
+        self.costs = {}      # (B, P, max_new_tokens, graphs) -> profiled seconds per step, gamma = 0..max_gamma
+        self.prefill = {}    # same keys -> profiled seconds outside the steps, [plain call, speculative call]
+        self.timed = {}      # same keys -> {gamma: [seconds, steps]} measured in calls, summed
         self.drafted = {}    # same keys -> [drafted tokens the critical path gained, Eq. 12 expected], summed
         self.efficiency = {}  # same keys -> the ratio of those sums (1 = as Eq. 12 predicts)
-        self.chosen = {}     # gamma -> calls
+        self.streak = {}     # same keys -> [gamma, calls in a row that picked it]
+        self.chosen = {}     # same keys -> {gamma: calls}
 
     def expected_tokens(self, gamma: int, efficiency: float = 1.0) -> float:
         """Tokens a round advances the batch: Eq. 12, its drafted part scaled by the batch's efficiency."""
         return 1 + efficiency * (tokens_per_forward(self.alphas[:gamma]) - 1)
 
+    def round_cost(self, shape) -> list:
+        """C(B, gamma) for gamma = 0..max_gamma at this shape: measured where run, else the rescaled profile."""
+        profile, timed = self.costs[shape], self.timed.get(shape, {})
+        spent = sum(s for s, _ in timed.values())
+        predicted = sum(n * profile[g] for g, (_, n) in timed.items())
+        level = spent / predicted if predicted > 0 else 1.0    # the calls' seconds over the profile's
+        w = self.prior_steps
+        return [(w * level * c + timed.get(g, (0.0, 0))[0]) / (w + timed.get(g, (0.0, 0))[1])
+                for g, c in enumerate(profile)]
+
+    def rates(self, costs, efficiency: float = 1.0) -> list:
+        """Expected tokens per second of each gamma, E(gamma) / C(gamma)."""
+        return [self.expected_tokens(g, efficiency) / c for g, c in enumerate(costs)]
+
     def choose(self, costs, efficiency: float = 1.0) -> int:
         """argmax_gamma E(gamma) / C(gamma) over gamma = 0..len(costs)-1 (ties: the shorter draft)."""
-        rate = [self.expected_tokens(g, efficiency) / c for g, c in enumerate(costs)]
+        rate = self.rates(costs, efficiency)
         return max(range(len(rate)), key=lambda g: (rate[g], -g))
 
     def pick(self, shape) -> int:
-        """choose() for a profiled shape, except that after `explore_every` plain calls in a row there it drafts
-        once with the best-rated gamma > 0. A chooser that only decodes plainly measures nothing about drafting
-        at that shape again, so one unlucky call, or acceptance that rises during RL, would keep it plain."""
-        costs, efficiency = self.costs[shape], self.efficiency.get(shape, 1.0)
-        gamma = self.choose(costs, efficiency)
-        streak = self.plain_streak.get(shape, 0) + 1 if gamma == 0 else 0
-        if streak > self.explore_every:
-            gamma = max(range(1, len(costs)), key=lambda g: (self.expected_tokens(g, efficiency) / costs[g], -g))
-            streak = 0
-        self.plain_streak[shape] = streak
+        """choose() for a profiled shape, except that the runner-up runs once (the streak then starts again)
+        when it has never run at this shape and the best has just run, or after `explore_every` calls in a
+        row with the same pick: its cost and acceptance are then measured, not only profiled or assumed."""
+        rate = self.rates(self.round_cost(shape), self.efficiency.get(shape, 1.0))
+        best, runner_up = sorted(range(len(rate)), key=lambda g: (-rate[g], g))[:2]
+        gamma, count = self.streak.get(shape, (None, 0))
+        count = count + 1 if best == gamma else 1
+        explore = count > self.explore_every or (count > 1 and runner_up not in self.chosen.get(shape, {}))
+        self.streak[shape] = [best, 0 if explore else count]
+        gamma = runner_up if explore else best
+        self.chosen.setdefault(shape, {})[gamma] = self.chosen.get(shape, {}).get(gamma, 0) + 1
         return gamma
+
+    def observe_cost(self, shape, gamma: int, seconds: float, steps: int):
+        """Fold in a call's wall time: `steps` steps with this gamma (0: plain) took `seconds` minus the
+        profiled parts outside the steps."""
+        if steps > 0:
+            spent, n = self.timed.setdefault(shape, {}).get(gamma, (0.0, 0))
+            outside = self.prefill[shape][gamma > 0] if shape in self.prefill else 0.0
+            self.timed[shape][gamma] = [spent + max(seconds - outside, 0.0), n + steps]
 
     def observe_batch(self, shape, gamma: int, longest: int, rounds: int):
         """Fold in a call's critical-path advance (its longest row kept `longest` tokens in `rounds` rounds)."""
@@ -1510,43 +1564,54 @@ class DraftLengthChooser:
 
     def state(self) -> dict:
         return dict(alphas=list(self.alphas), observed=list(self.observed), costs=dict(self.costs),
-                    drafted=dict(self.drafted), efficiency=dict(self.efficiency), chosen=dict(self.chosen),
-                    plain_streak=dict(self.plain_streak))
+                    prefill=dict(self.prefill), timed={k: dict(v) for k, v in self.timed.items()},
+                    drafted=dict(self.drafted), efficiency=dict(self.efficiency),
+                    chosen={k: dict(v) for k, v in self.chosen.items()}, streak=dict(self.streak))
 
     def load(self, state: dict):
         self.alphas, self.observed = list(state["alphas"]), list(state["observed"])
-        self.costs, self.efficiency, self.chosen = dict(state["costs"]), dict(state["efficiency"]), dict(state["chosen"])
-        # Absent from checkpoints made before they were kept:
-        self.drafted, self.plain_streak = dict(state.get("drafted", {})), dict(state.get("plain_streak", {}))
+        self.costs, self.efficiency = dict(state["costs"]), dict(state["efficiency"])
+        # Older checkpoints counted calls per gamma over all shapes, and lack what follows:
+        self.chosen = {k: dict(v) for k, v in state["chosen"].items() if isinstance(k, tuple)}
+        self.drafted, self.streak = dict(state.get("drafted", {})), dict(state.get("streak", {}))
+        self.prefill, self.timed = dict(state.get("prefill", {})), {k: dict(v) for k, v in state.get("timed", {}).items()}
 
     def observe(self, stats):
-        """Fold a call's counted per-depth acceptance into the estimates (depths it did not reach keep theirs)."""
+        """Fold a call's counted per-depth acceptance into the estimates (depths it did not reach keep theirs,
+        or, without a given prior, follow the deepest one measured)."""
         for j, (a, r) in enumerate(zip(stats.get("drafts_accepted", []), stats.get("drafts_reached", []))):
             if r > 0:   # the first measurement of a depth replaces its prior, later ones are averaged in
                 weight = self.smoothing if self.observed[j] else 1.0
                 self.alphas[j] += weight * (a / r - self.alphas[j])
                 self.observed[j] += 1
+        measured = [j for j in range(self.max_gamma) if self.observed[j]]
+        if self.follow_deepest and measured:
+            # Acceptance falls with depth, so this guess errs high: the depth gets drafted and measured.
+            for j in range(measured[-1] + 1, self.max_gamma):
+                self.alphas[j] = self.alphas[measured[-1]]
 
 
 def adaptive_generate(model: GPT, prompt, max_new_tokens: int, chooser: DraftLengthChooser, **kwargs):
-    """gamma="auto": profile this batch shape once, pick gamma (exploring drafting now and then where plain
-    decoding wins), decode (plainly for gamma = 0), learn."""
+    """gamma="auto": profile this batch shape once, pick gamma (exploring now and then), decode (plainly for
+    gamma = 0), learn the costs and acceptance from the call."""
     B = len(prompt)
     P = prompt.size(1) if isinstance(prompt, torch.Tensor) else max(len(r) for r in prompt)
     graphs = kwargs.get("graphs") is not None
     shape = (B, P, int(max_new_tokens), graphs)
+    device = model.lm_head.weight.device
     if shape not in chooser.costs:
         chooser.costs[shape] = round_costs(model, B, P, int(max_new_tokens), chooser.max_gamma, graphs)
+        chooser.prefill[shape] = prefill_costs(model, B, P, int(max_new_tokens), chooser.max_gamma)
     gamma = chooser.pick(shape)
-    chooser.chosen[gamma] = chooser.chosen.get(gamma, 0) + 1
     if gamma == 0:
         kwargs.pop("draft")
-        out = generate(model, prompt, max_new_tokens, **kwargs)
+        wall, out = seconds(lambda: generate(model, prompt, max_new_tokens, **kwargs), device)
         out.stats.update(gamma_rounds={0: out.stats["target_forwards"] - 1})
     else:
-        out = speculative_generate(model, prompt, max_new_tokens, gamma=gamma, **kwargs)
+        wall, out = seconds(lambda: speculative_generate(model, prompt, max_new_tokens, gamma=gamma, **kwargs), device)
         chooser.observe_batch(shape, gamma, int(out.mask.sum(1).max()), out.stats["rounds"])  # before the alphas move
         chooser.observe(out.stats)
+    chooser.observe_cost(shape, gamma, wall, out.stats["target_forwards"] - 1)
     out.stats.update(gamma=gamma, auto=True)
     return out
 
@@ -1975,16 +2040,18 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
         ref.requires_grad_(False).eval()
     sync = functools.partial(average_gradients, world=world)
 
+    first_step = []   # the step this process starts at (run_stage restores `extra` before it)
+
     def step_fn(step):
         # This rank's prompts; every group of G samples of one prompt stays on one rank, so advantages
         # need no communication.
+        first_step[:] = first_step or [step]
         t_step = time.perf_counter()
         idx, S, N = task.prompts(tc.rl_prompts // world.world_size, gen_data)
         prompts = tuple(x.repeat_interleave(G, 0).to(device) for x in (idx, S, N))
         refresh_rollout_weights(policy, model)
-        if chooser is not None and "chooser" in extra and not extra.get("chooser_loaded"):
+        if chooser is not None and step == first_step[0] and "chooser" in extra:
             chooser.load(extra["chooser"])   # a resumed run decides as the interrupted one would have
-            extra["chooser_loaded"] = True
         before = {k: v.clone() for k, v in model.state_dict().items()} if probe is not None else None
         roll, m = grpo_step(model, policy, opt, task, tc, prompts, gen_roll, chooser=chooser, graphs=graphs, ref=ref,
                             mtp_optimizer=mtp_opt[0] if mtp_opt else None, sync=sync)
@@ -2844,16 +2911,16 @@ def run_benchmark(args):
           "  90% paired bootstrap interval over calls; auto/held-out best: that best picked on half the calls and timed\n"
           "  on the other half (the maximum of noisy columns overstates the best)")
     for graphs, chooser in choosers.items():
-        print(f"\nwhy auto chose what it did (CUDA graphs {'on' if graphs else 'off'}): its measured cost of one round "
-              f"C(B, gamma) in ms (gamma 0: a plain step),\nthe tokens a round advances the batch E(gamma) from Eq. 12 "
-              f"with its acceptance estimates {'/'.join(f'{a:.2f}' for a in chooser.alphas)}, and E / C")
-        for (B, P, T, _), costs in ((shape, c) for shape, c in chooser.costs.items() if shape[3] == graphs):
-            eff = chooser.efficiency.get((B, P, T, graphs), 1.0)
-            rates = [chooser.expected_tokens(g, eff) / c for g, c in enumerate(costs)]
-            pick = chooser.choose(costs, eff)
-            print(f"  batch {B:3d}: " + "  ".join(f"g{g} {c * 1e3:.2f}ms {chooser.expected_tokens(g, eff):.2f} "
-                                                f"{r:.0f}/s" + ("*" if g == pick else "")
-                                                for g, (c, r) in enumerate(zip(costs, rates))))
+        print(f"\nwhy auto chose what it did (CUDA graphs {'on' if graphs else 'off'}), at the end: per gamma its cost "
+              f"of one round C(B, gamma) in ms\n(gamma 0: a plain step; measured in its calls, the one-off profile in "
+              f"brackets), the tokens a round advances the batch E(gamma)\n(Eq. 12 with its acceptance estimates "
+              f"{'/'.join(f'{a:.2f}' for a in chooser.alphas)} and the batch's efficiency), and E / C")
+        for shape in (shape for shape in chooser.costs if shape[3] == graphs):
+            costs, eff = chooser.round_cost(shape), chooser.efficiency.get(shape, 1.0)
+            rates, pick = chooser.rates(costs, eff), chooser.choose(costs, eff)
+            print(f"  batch {shape[0]:3d}: " + "  ".join(
+                f"g{g} {c * 1e3:.2f} ({p * 1e3:.2f})ms {chooser.expected_tokens(g, eff):.2f} {r:.0f}/s"
+                + ("*" if g == pick else "") for g, (c, p, r) in enumerate(zip(costs, chooser.costs[shape], rates))))
     print(f"\npieces of a gamma = {gamma} round")
     print(f"{'batch':>5} {'graphs':>6} {'speedup':>7} {'len':>5} {'t_plain':>8} {'t_verify':>8} {'t_draft':>8} {'t_step':>8} "
           f"{'other':>5} {'ideal':>6} {'ach/ideal':>9} {'ceiling':>7}")

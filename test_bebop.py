@@ -1265,19 +1265,74 @@ def test_one_unlucky_call_does_not_switch_drafting_off():
 
 
 def test_auto_drafts_once_after_a_run_of_plain_calls(drafted_model, monkeypatch):
-    """Costs where plain decoding always wins (a round of gamma costs gamma + 2 plain steps, more than the
-    gamma + 1 tokens it can yield): every (explore_every + 1)-th call drafts anyway, the others decode plainly."""
+    """Costs where plain decoding always wins and gamma 1 is the runner-up (a gamma-1 round costs 2.5 plain
+    steps, more than the 2 tokens it can yield; longer ones far more): gamma 1 runs at the second call (it
+    never ran), then at every (explore_every + 1)-th; the others decode plainly. (The costs stay the
+    profiled ones here: the calls' own timings are not folded in.)"""
     K = drafted_model.config.mtp_train_steps
-    monkeypatch.setattr(bebop, "round_costs", lambda *a, **k: [1.0] + [g + 2.0 for g in range(1, K + 1)])
+    monkeypatch.setattr(bebop, "round_costs", lambda *a, **k: [1.0, 2.5] + [50.0] * (K - 1))
+    monkeypatch.setattr(bebop.DraftLengthChooser, "observe_cost", lambda *a, **k: None)
     chooser = bebop.DraftLengthChooser(K, explore_every=3)
     prompt = torch.randint(0, 8, (2, 5), generator=torch.Generator().manual_seed(0))
     gammas = [bebop.speculative_generate(drafted_model, prompt, 6, gamma="auto", chooser=chooser,
-                                         generator=torch.Generator().manual_seed(i)).stats["gamma"] for i in range(8)]
-    assert gammas[:3] == [0, 0, 0] and gammas[3] > 0 and gammas[4:7] == [0, 0, 0] and gammas[7] > 0, gammas
+                                         generator=torch.Generator().manual_seed(i)).stats["gamma"] for i in range(9)]
+    assert gammas == [0, 1, 0, 0, 0, 1, 0, 0, 0], gammas
     assert chooser.observed[0] == 2                     # each drafting call fed the acceptance estimates
     resumed = bebop.DraftLengthChooser(K, explore_every=3)
     resumed.load(chooser.state())
-    assert resumed.plain_streak == chooser.plain_streak
+    assert resumed.streak == chooser.streak
+
+
+def test_round_costs_are_learned_from_the_calls():
+    """The profile (each step alone) says plain decoding wins: a gamma-1 round costs 2 plain steps, more than
+    the 1.9 tokens it yields. The calls measure a round at 1.25 s and a plain step at 1.0 s (the loop around
+    the steps and the machine add to both, unequally): then gamma 1 wins. The parts of a call outside its
+    steps are subtracted; a gamma not yet run keeps its profiled cost, rescaled by how the calls compare
+    with the profile (here 144 s measured where the profile predicts 192: 0.75)."""
+    c = bebop.DraftLengthChooser(3, alphas=[0.9, 0.9, 0.9], prior_steps=16)
+    c.costs["B"], c.prefill["B"] = [1.0, 2.0, 3.0, 4.0], [0.5, 0.7]
+    assert c.choose(c.round_cost("B")) == 0
+    c.observe_cost("B", 1, 80.0 + 0.7, 64)           # 64 rounds of gamma 1, 1.25 s each, + the speculative prefill
+    assert c.round_cost("B") == pytest.approx([0.625, 1.25, 1.875, 2.5])   # level 80 / 128
+    assert c.choose(c.round_cost("B")) == 0
+    c.observe_cost("B", 0, 64.0 + 0.5, 64)           # 64 plain steps, 1.0 s each
+    assert c.round_cost("B") == pytest.approx([(16 * 0.75 + 64) / 80, (16 * 0.75 * 2 + 80) / 80, 2.25, 3.0])
+    assert c.choose(c.round_cost("B")) == 1
+    d = bebop.DraftLengthChooser(3)
+    d.load(c.state())
+    assert d.round_cost("B") == c.round_cost("B")
+
+
+def test_auto_learns_each_calls_steps_and_wall_time(drafted_model, monkeypatch):
+    """adaptive_generate folds in the steps each call ran (its target forwards after the prefill's) and its
+    wall time less the profiled parts outside the steps."""
+    K = drafted_model.config.mtp_train_steps
+    monkeypatch.setattr(bebop, "round_costs", lambda *a, **k: [1.0] + [10.0] * K)   # plain, then gamma K
+    monkeypatch.setattr(bebop, "prefill_costs", lambda *a, **k: [-100.0, -200.0])  # so that wall time shows
+    chooser = bebop.DraftLengthChooser(K, explore_every=1)
+    prompt = torch.randint(0, 8, (2, 5), generator=torch.Generator().manual_seed(0))
+    outs = [bebop.speculative_generate(drafted_model, prompt, 6, gamma="auto", chooser=chooser) for _ in range(2)]
+    timed = chooser.timed[(2, 5, 6, False)]
+    assert [o.stats["gamma"] for o in outs] == [0, K] and set(timed) == {0, K}
+    for g, out, outside in zip((0, K), outs, (-100.0, -200.0)):
+        assert timed[g][1] == out.stats["target_forwards"] - 1 > 0
+        assert -outside < timed[g][0] < -outside + 10
+
+
+def test_auto_explores_the_runner_up_and_guesses_unmeasured_depths_from_the_deepest():
+    """The runner-up runs once right after the best's first call, then after every explore_every calls in a row
+    with one pick, whichever gamma leads. Without
+    a given prior, depths not yet measured take the deepest measured depth's acceptance (a given prior stays)."""
+    c = bebop.DraftLengthChooser(3, alphas=[0.9, 0.9, 0.9], explore_every=2)
+    c.costs["B"] = [1.0, 1.1, 1.2, 1.3]       # latency-bound: rates 1, 1.73, 2.26, 2.65: gamma 3, then 2
+    assert [c.pick("B") for _ in range(8)] == [3, 2, 3, 3, 2, 3, 3, 2]   # gamma 2 first runs as soon as it can
+    assert c.chosen["B"] == {3: 5, 2: 3}
+    d = bebop.DraftLengthChooser(3)
+    d.observe(dict(drafts_accepted=[19, 9, 0], drafts_reached=[20, 10, 0]))
+    assert d.alphas == pytest.approx([0.95, 0.9, 0.9])
+    given = bebop.DraftLengthChooser(3, alphas=[0.8, 0.6, 0.4])
+    given.observe(dict(drafts_accepted=[19, 9, 0], drafts_reached=[20, 10, 0]))
+    assert given.alphas == pytest.approx([0.95, 0.9, 0.4])
 
 
 def test_round_costs_are_the_line_through_the_timings():
@@ -1379,10 +1434,11 @@ def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tmp_path, monk
 def test_resume_with_auto_draft_length_is_bit_identical(tmp_path, monkeypatch):
     """gamma auto: the chooser's costs and running acceptance are in the checkpoint, so a resumed run picks
     the draft lengths the uninterrupted run picked (costs made deterministic here; on a real run they are
-    measured once, at the first rollout, and then kept)."""
+    profiled at the first rollout and then learned from every call's wall time)."""
     import signal
     costs = [1.0, 1.02, 1.05, 1.08, 1.5, 2.0]    # latency-bound-like: gamma 3 unless acceptance drops
     monkeypatch.setattr(bebop, "round_costs", lambda *a, **k: list(costs))
+    monkeypatch.setattr(bebop.DraftLengthChooser, "observe_cost", lambda *a, **k: None)   # no wall times
     run = TINY_RUN[:-2] + ["--gamma", "auto"]
     full, _ = bebop.train(bebop.parse_args(run + ["--out", str(tmp_path / "a")]))
     chosen = json.load(open(tmp_path / "a" / "summary.json"))["gamma_chosen_in_rl"]
@@ -1399,6 +1455,15 @@ def test_resume_with_auto_draft_length_is_bit_identical(tmp_path, monkeypatch):
     resumed, summary = bebop.train(bebop.parse_args(run + ["--out", str(tmp_path / "b"), "--resume"]))
     assert states_equal(full.state_dict(), resumed.state_dict())
     assert summary["gamma_chosen_in_rl"] == chosen and sum(chosen.values()) == 6
+    # The tiny run earns no reward, so its weights do not move in RL: the rollouts themselves and the chooser
+    # must match. Each step's rollout statistics, and the chooser the runs end with (timings aside):
+    rollout_keys = ("gamma", "reward", "entropy", "kept_tokens", "row_rounds", "drafts_reached", "drafts_accepted")
+    logs = [[{k: m[k] for k in rollout_keys} for m in map(json.loads, open(tmp_path / r / "log.jsonl"))
+             if m["stage"] == "grpo"] for r in ("a", "b")]
+    assert logs[0] == logs[1] and len(logs[0]) == 6
+    ends = [torch.load(tmp_path / r / "grpo.pt", weights_only=False)["extra"]["chooser"] for r in ("a", "b")]
+    for key in ("alphas", "observed", "drafted", "chosen", "streak"):
+        assert ends[0][key] == ends[1][key], key
 
 
 @pytest.fixture(scope="module")
