@@ -1479,23 +1479,26 @@ class DraftLengthChooser:
 
     Costs: each batch shape is profiled once (round_costs: each step alone, at its best); then every call
     measures the cost of the steps it ran, which include what the profile leaves out (the loop around the
-    steps, caches in use, other work on the machine). C(B, gamma) pools each gamma's measured seconds per
-    step with its profiled cost, counted as `prior_steps` steps and rescaled by how the calls at this shape
-    compare with the profile overall; a gamma not yet run there is that rescaled profile.
+    steps, caches in use, other work on the machine), and not by the same factor for plain steps and for
+    rounds. C(B, gamma) pools each gamma's measured seconds per step with its profiled cost, counted as
+    `prior_steps` steps and rescaled by how the calls of its kind (plain, or drafting) at this shape compare
+    with the profile; a gamma not yet run there is that rescaled profile.
 
     A batch finishes when its slowest row does, so what a round buys the batch is the advance of its
     critical path, (longest row's tokens - 1) / rounds, which falls short of the mean E(gamma) of Eq. 12 more
     as the batch grows (the unluckiest of B rows sets the pace) and for short answers (the last round is cut
-    at the end mark). Per batch shape, `efficiency` is the ratio of the two drafted parts, advance - 1 over
-    E(gamma) - 1, pooled over the calls (sums of both, starting from `prior_tokens` drafted tokens at ratio
-    1): one call at batch 1 is a handful of rounds of one row, too noisy to decide alone, and an unlucky one
-    would otherwise switch drafting off at that shape for good. Predictions for every gamma use it.
+    at the end mark), and more for longer drafts (measured at batch 128 on the CPU: 0.76 of Eq. 12's drafted
+    part reaches the critical path at gamma 1, 0.49 at gamma 5). Per batch shape and gamma, the efficiency is
+    the ratio of the two drafted parts, advance - 1 over E(gamma) - 1, pooled over the calls (sums of both,
+    starting from `prior_tokens` drafted tokens at the ratio of the shape's other gammas, or 1): one call
+    at batch 1 is a handful of rounds of one row, too noisy to decide alone, and an unlucky one would
+    otherwise switch drafting off at that shape for good.
 
     A chooser that keeps picking one gamma learns nothing more about the others, so it runs the runner-up
     now and then (pick)."""
 
     def __init__(self, max_gamma: int, alphas=None, smoothing: float = 0.5, prior_tokens: float = 32.0,
-                 prior_steps: float = 16.0, explore_every: int = 8):
+                 prior_steps: float = 64.0, explore_every: int = 8):
         self.max_gamma, self.smoothing, self.prior_tokens = max_gamma, smoothing, prior_tokens
         self.prior_steps, self.explore_every = prior_steps, explore_every
         self.follow_deepest = alphas is None
@@ -1504,8 +1507,7 @@ class DraftLengthChooser:
         self.costs = {}      # (B, P, max_new_tokens, graphs) -> profiled seconds per step, gamma = 0..max_gamma
         self.prefill = {}    # same keys -> profiled seconds outside the steps, [plain call, speculative call]
         self.timed = {}      # same keys -> {gamma: [seconds, steps]} measured in calls, summed
-        self.drafted = {}    # same keys -> [drafted tokens the critical path gained, Eq. 12 expected], summed
-        self.efficiency = {}  # same keys -> the ratio of those sums (1 = as Eq. 12 predicts)
+        self.drafted = {}    # same keys -> {gamma: [drafted tokens the critical path gained, Eq. 12 expected]}
         self.streak = {}     # same keys -> [gamma, calls in a row that picked it]
         self.chosen = {}     # same keys -> {gamma: calls}
 
@@ -1516,33 +1518,52 @@ class DraftLengthChooser:
     def round_cost(self, shape) -> list:
         """C(B, gamma) for gamma = 0..max_gamma at this shape: measured where run, else the rescaled profile."""
         profile, timed = self.costs[shape], self.timed.get(shape, {})
-        spent = sum(s for s, _ in timed.values())
-        predicted = sum(n * profile[g] for g, (_, n) in timed.items())
-        level = spent / predicted if predicted > 0 else 1.0    # the calls' seconds over the profile's
+        def level(drafting):   # the calls' seconds over the profile's, pooled over one kind of call
+            runs = [(s, n * profile[g]) for g, (s, n) in timed.items() if (g > 0) == drafting]
+            return sum(s for s, _ in runs) / sum(p for _, p in runs) if runs else None
+        plain, drafting = level(False), level(True)
+        levels = [plain or drafting or 1.0, drafting or plain or 1.0]   # a kind not yet run: the other's
         w = self.prior_steps
-        return [(w * level * c + timed.get(g, (0.0, 0))[0]) / (w + timed.get(g, (0.0, 0))[1])
+        return [(w * levels[g > 0] * c + timed.get(g, (0.0, 0))[0]) / (w + timed.get(g, (0.0, 0))[1])
                 for g, c in enumerate(profile)]
 
-    def rates(self, costs, efficiency: float = 1.0) -> list:
-        """Expected tokens per second of each gamma, E(gamma) / C(gamma)."""
-        return [self.expected_tokens(g, efficiency) / c for g, c in enumerate(costs)]
+    def efficiency(self, shape) -> list:
+        """Per gamma = 0..max_gamma, the share of Eq. 12's drafted part that reaches this shape's critical path:
+        that gamma's calls pooled from a prior of `prior_tokens` at the other gammas' pooled share (1 if none)."""
+        sums, w = self.drafted.get(shape, {}), self.prior_tokens
+        pool = lambda gained, expected, prior: (w * prior + gained) / (w + expected) if w + expected > 0 else prior
+        shares = []
+        for g in range(self.max_gamma + 1):
+            others = [v for k, v in sums.items() if k != g]
+            prior = pool(sum(v[0] for v in others), sum(v[1] for v in others), 1.0)
+            shares.append(max(0.0, pool(*sums.get(g, (0.0, 0.0)), prior)))
+        return shares
 
-    def choose(self, costs, efficiency: float = 1.0) -> int:
+    def rates(self, costs, efficiency=1.0) -> list:
+        """Expected tokens per second of each gamma, E(gamma) / C(gamma); efficiency: one for all, or per gamma."""
+        eff = efficiency if isinstance(efficiency, list) else [efficiency] * len(costs)
+        return [self.expected_tokens(g, e) / c for g, (c, e) in enumerate(zip(costs, eff))]
+
+    def choose(self, costs, efficiency=1.0) -> int:
         """argmax_gamma E(gamma) / C(gamma) over gamma = 0..len(costs)-1 (ties: the shorter draft)."""
         rate = self.rates(costs, efficiency)
         return max(range(len(rate)), key=lambda g: (rate[g], -g))
 
     def pick(self, shape) -> int:
-        """choose() for a profiled shape, except that the runner-up runs once (the streak then starts again)
-        when it has never run at this shape and the best has just run, or after `explore_every` calls in a
-        row with the same pick: its cost and acceptance are then measured, not only profiled or assumed."""
-        rate = self.rates(self.round_cost(shape), self.efficiency.get(shape, 1.0))
+        """choose() for a profiled shape, except that it explores once (the streak then starts again) after
+        `explore_every` calls in a row with the same pick, or, while the candidate never ran here, right after
+        a call with the same best. The candidate is the runner-up, or plain decoding while it never
+        ran and a draft length leads (its cost is not rescaled like a round's). Its cost and acceptance are
+        then measured, not only profiled or assumed."""
+        rate = self.rates(self.round_cost(shape), self.efficiency(shape))
         best, runner_up = sorted(range(len(rate)), key=lambda g: (-rate[g], g))[:2]
+        ran = self.chosen.get(shape, {})
+        candidate = 0 if best > 0 and 0 not in ran else runner_up
         gamma, count = self.streak.get(shape, (None, 0))
         count = count + 1 if best == gamma else 1
-        explore = count > self.explore_every or (count > 1 and runner_up not in self.chosen.get(shape, {}))
+        explore = count > self.explore_every or (count > 1 and candidate not in ran)
         self.streak[shape] = [best, 0 if explore else count]
-        gamma = runner_up if explore else best
+        gamma = candidate if explore else best
         self.chosen.setdefault(shape, {})[gamma] = self.chosen.get(shape, {}).get(gamma, 0) + 1
         return gamma
 
@@ -1558,22 +1579,22 @@ class DraftLengthChooser:
         """Fold in a call's critical-path advance (its longest row kept `longest` tokens in `rounds` rounds)."""
         drafted = tokens_per_forward(self.alphas[:gamma]) - 1
         if rounds > 0 and drafted > 0:
-            gained, expected = self.drafted.get(shape, [self.prior_tokens, self.prior_tokens])
-            self.drafted[shape] = [gained + (longest - 1 - rounds), expected + rounds * drafted]
-            self.efficiency[shape] = max(0.0, self.drafted[shape][0] / self.drafted[shape][1])
+            gained, expected = self.drafted.setdefault(shape, {}).get(gamma, (0.0, 0.0))
+            self.drafted[shape][gamma] = [gained + (longest - 1 - rounds), expected + rounds * drafted]
 
     def state(self) -> dict:
         return dict(alphas=list(self.alphas), observed=list(self.observed), costs=dict(self.costs),
                     prefill=dict(self.prefill), timed={k: dict(v) for k, v in self.timed.items()},
-                    drafted=dict(self.drafted), efficiency=dict(self.efficiency),
+                    drafted={k: dict(v) for k, v in self.drafted.items()},
                     chosen={k: dict(v) for k, v in self.chosen.items()}, streak=dict(self.streak))
 
     def load(self, state: dict):
         self.alphas, self.observed = list(state["alphas"]), list(state["observed"])
-        self.costs, self.efficiency = dict(state["costs"]), dict(state["efficiency"])
-        # Older checkpoints counted calls per gamma over all shapes, and lack what follows:
-        self.chosen = {k: dict(v) for k, v in state["chosen"].items() if isinstance(k, tuple)}
-        self.drafted, self.streak = dict(state.get("drafted", {})), dict(state.get("streak", {}))
+        self.costs = dict(state["costs"])
+        # Older checkpoints kept calls and drafted tokens over all shapes or gammas (dropped), and lack the rest:
+        self.chosen = {k: dict(v) for k, v in state["chosen"].items() if isinstance(v, dict)}
+        self.drafted = {k: dict(v) for k, v in state.get("drafted", {}).items() if isinstance(v, dict)}
+        self.streak = dict(state.get("streak", {}))
         self.prefill, self.timed = dict(state.get("prefill", {})), {k: dict(v) for k, v in state.get("timed", {}).items()}
 
     def observe(self, stats):
@@ -2876,10 +2897,12 @@ def run_benchmark(args):
     print(f"{'batch':>5} {'graphs':>6} " + " ".join(f"{'plain' if g == 0 else 'g=' + str(g):>7}" for g in gammas[:-1])
           + f" {'auto':>7} {'chose':>5} {'auto/best [90%]':>20} {'/held-out':>11} {'calls':>5}")
     choosers = {graphs: DraftLengthChooser(K) for graphs in graph_settings}   # auto learns across batch sizes
-    each = 0.1 if tc.preset == "tiny" else 2.0   # seconds of decoding per mode and batch (tiny: a smoke test)
+    # Seconds of decoding per mode and batch, and calls at least (tiny: a smoke test). auto learns each batch
+    # shape from scratch inside these calls (its first calls explore), as a run does in its first steps.
+    each, calls = (0.1, 6) if tc.preset == "tiny" else (4.0, 10)
     for B in batches:
         for graphs in graph_settings:
-            speed = time_rollouts(policy, held_out[0], B, task.max_new_tokens, gammas, EOS, each,
+            speed = time_rollouts(policy, held_out[0], B, task.max_new_tokens, gammas, EOS, each, calls,
                                   graphs=owned if graphs else None, chooser=choosers[graphs])
             c = step_costs(policy, B, gamma, device, graphs)
             best = max(speed[g]["tokens_per_s"] for g in gammas[:-1])
@@ -2914,12 +2937,12 @@ def run_benchmark(args):
         print(f"\nwhy auto chose what it did (CUDA graphs {'on' if graphs else 'off'}), at the end: per gamma its cost "
               f"of one round C(B, gamma) in ms\n(gamma 0: a plain step; measured in its calls, the one-off profile in "
               f"brackets), the tokens a round advances the batch E(gamma)\n(Eq. 12 with its acceptance estimates "
-              f"{'/'.join(f'{a:.2f}' for a in chooser.alphas)} and the batch's efficiency), and E / C")
+              f"{'/'.join(f'{a:.2f}' for a in chooser.alphas)} and the batch's efficiency at that gamma), and E / C")
         for shape in (shape for shape in chooser.costs if shape[3] == graphs):
-            costs, eff = chooser.round_cost(shape), chooser.efficiency.get(shape, 1.0)
+            costs, eff = chooser.round_cost(shape), chooser.efficiency(shape)
             rates, pick = chooser.rates(costs, eff), chooser.choose(costs, eff)
             print(f"  batch {shape[0]:3d}: " + "  ".join(
-                f"g{g} {c * 1e3:.2f} ({p * 1e3:.2f})ms {chooser.expected_tokens(g, eff):.2f} {r:.0f}/s"
+                f"g{g} {c * 1e3:.2f} ({p * 1e3:.2f})ms {chooser.expected_tokens(g, eff[g]):.2f} {r:.0f}/s"
                 + ("*" if g == pick else "") for g, (c, p, r) in enumerate(zip(costs, chooser.costs[shape], rates))))
     print(f"\npieces of a gamma = {gamma} round")
     print(f"{'batch':>5} {'graphs':>6} {'speedup':>7} {'len':>5} {'t_plain':>8} {'t_verify':>8} {'t_draft':>8} {'t_step':>8} "
@@ -2942,7 +2965,8 @@ def run_benchmark(args):
                  f"and the plain step {eager['t_plain'] / graphed['t_plain']:.1f}x" if graphed else ""))
 
     grpo = time_grpo_steps(model, task, tc, device, {"plain": ("ar", gamma), "spec": ("spec", gamma),
-                                                     "auto": ("spec", "auto")})
+                                                     "auto": ("spec", "auto")}, steps=calls,
+                           chooser=choosers[graph_settings[-1]])   # the graphs setting GRPO's rollouts use
     for kind, r in grpo.items():
         rows.append(dict(mode="grpo_step", rollout=kind, batch=tc.rl_prompts * tc.group_size, cuda_graphs=tc.cuda_graphs
                          and cuda, seconds=r["step_s"], rollout_seconds=r["rollout_s"], steps=r["steps"],
@@ -2955,8 +2979,9 @@ def run_benchmark(args):
           f"alternated step by step on the same prompts): plain rollouts {grpo['plain']['step_s']:.3f} s "
           f"({grpo['plain']['rollout_s']:.3f} s rollout); gamma {gamma} {grpo['spec']['step_s']:.3f} s "
           f"({grpo['spec']['rollout_s']:.3f} s), {speedup('spec')} plain's speed; auto {grpo['auto']['step_s']:.3f} s "
-          f"({grpo['auto']['rollout_s']:.3f} s), {speedup('auto')}, chose gamma {grpo['auto']['gamma']}; [90% paired "
-          f"bootstrap interval over steps]")
+          f"({grpo['auto']['rollout_s']:.3f} s), {speedup('auto')}, chose gamma {grpo['auto']['gamma']} (its chooser goes "
+          f"on from the batch-{tc.rl_prompts * tc.group_size} rows above, as a run's does after its first steps); "
+          f"[90% paired bootstrap interval over steps]")
     print(f"TV loss + head matmul, forward + backward, {tv['lean_tv']['rows']} rows x vocab {tv['lean_tv']['vocab']}, "
           f"hidden {tv['lean_tv']['hidden']}: peak memory above the inputs, each in its own process "
           f"({'max_memory_allocated' if cuda else 'peak RSS'}): per-step TV plain autograd "
@@ -2974,11 +2999,14 @@ def run_benchmark(args):
     return result
 
 
-def time_grpo_steps(model: GPT, task: DigitSumTask, tc: TrainConfig, device, kinds: dict, steps: int = 6):
+def time_grpo_steps(model: GPT, task: DigitSumTask, tc: TrainConfig, device, kinds: dict, steps: int = 6,
+                    chooser=None):
     """Seconds of one GRPO step (grpo_step: rollouts + one update) with each kind of rollout, side by side:
-    kinds {name: (rollout, gamma)}, each with its own copy of the model, optimizer, chooser and graphs, the
-    kinds alternated step by step on the same prompts and rollout seed; one untimed step of each first
-    (kernel selection, graph captures, auto's cost profile). Returns {name: dict(step_s, rollout_s, steps,
+    kinds {name: (rollout, gamma)}, each with its own copy of the model, optimizer and graphs, the kinds
+    alternated step by step on the same prompts and rollout seed; one untimed step of each first (kernel
+    selection, graph captures, auto's cost profile). gamma "auto" continues with `chooser` (what it learned
+    of this batch shape elsewhere, as a run's chooser has after its first steps), else a fresh one.
+    Returns {name: dict(step_s, rollout_s, steps,
     gamma (per timed step), plain_over_this_90 (90% paired interval of plain's step time over this one))}."""
     runs = {}
     for name, (roll_kind, g) in kinds.items():
@@ -2988,7 +3016,7 @@ def time_grpo_steps(model: GPT, task: DigitSumTask, tc: TrainConfig, device, kin
         policy = rollout_weights(m, tck.precision)
         runs[name] = dict(model=m, policy=policy, tc=tck,
                           opt=rl_optimizer(m, tck),
-                          chooser=DraftLengthChooser(m.config.mtp_train_steps) if g == "auto" else None,
+                          chooser=(chooser or DraftLengthChooser(m.config.mtp_train_steps)) if g == "auto" else None,
                           graphs=rollout_graphs(policy, tck, device),
                           secs=[], rollout=[], gamma=[])
     gen_data = torch.Generator().manual_seed(0)

@@ -1236,8 +1236,12 @@ def test_the_draft_length_rule_on_synthetic_costs():
     assert low.choose([1.0, 1.1, 1.2, 1.3]) == 0
     # a large batch whose slowest row sets the pace: half of Eq. 12's drafted part reaches the critical path
     c.observe_batch("B", 3, longest=1 + 10 * (1 + 0.5 * 2.439), rounds=10)
-    assert c.efficiency["B"] == pytest.approx(0.5)
-    assert c.choose([1.0, 1.5, 2.0, 3.0], c.efficiency["B"]) == 0    # every rate now below plain decoding's
+    assert c.efficiency("B") == pytest.approx([0.5] * 4)             # measured at gamma 3, assumed for the rest
+    assert c.choose([1.0, 1.5, 2.0, 3.0], c.efficiency("B")) == 0    # every rate now below plain decoding's
+    c.observe_batch("B", 1, longest=1 + 10 * (1 + 0.9), rounds=10)   # gamma 1 loses nothing: shares per gamma
+    assert c.efficiency("B")[1] == pytest.approx(1.0) and c.efficiency("B")[3] == pytest.approx(0.5)
+    assert c.efficiency("B")[2] == pytest.approx((9 + 12.195) / (9 + 24.39))   # the others pooled
+    assert c.choose([1.0, 1.5, 2.0, 3.0], c.efficiency("B")) == 1
     c.observe(dict(drafts_accepted=[10, 0, 0], drafts_reached=[20, 0, 0]))   # only depth 1 observed: replaces
     assert c.alphas == pytest.approx([0.5, 0.9, 0.9])
     c.observe(dict(drafts_accepted=[15, 8, 0], drafts_reached=[20, 10, 0]))  # then averaged in (weight 0.5)
@@ -1253,15 +1257,15 @@ def test_one_unlucky_call_does_not_switch_drafting_off():
     c = bebop.DraftLengthChooser(3, alphas=[0.9, 0.9, 0.9])
     for chooser in (alone, c):
         chooser.observe_batch("B1", 3, longest=25, rounds=12)
-    assert alone.efficiency["B1"] < 0.45 and alone.choose(costs, alone.efficiency["B1"]) == 0
-    assert 0.65 < c.efficiency["B1"] < 0.8 and c.choose(costs, c.efficiency["B1"]) == 3
+    assert alone.efficiency("B1")[3] < 0.45 and alone.choose(costs, alone.efficiency("B1")) == 0
+    assert 0.65 < c.efficiency("B1")[3] < 0.8 and c.choose(costs, c.efficiency("B1")) == 3
     for _ in range(50):
         c.observe_batch("B1", 3, longest=1 + round(100 * (1 + 0.8 * 2.439)), rounds=100)
-    assert c.efficiency["B1"] == pytest.approx(0.8, abs=0.01)
+    assert c.efficiency("B1")[3] == pytest.approx(0.8, abs=0.01)
     state = c.state()
     d = bebop.DraftLengthChooser(3)
     d.load(state)
-    assert d.drafted == c.drafted and d.efficiency == c.efficiency
+    assert d.drafted == c.drafted and d.efficiency("B1") == c.efficiency("B1")
 
 
 def test_auto_drafts_once_after_a_run_of_plain_calls(drafted_model, monkeypatch):
@@ -1287,18 +1291,19 @@ def test_round_costs_are_learned_from_the_calls():
     """The profile (each step alone) says plain decoding wins: a gamma-1 round costs 2 plain steps, more than
     the 1.9 tokens it yields. The calls measure a round at 1.25 s and a plain step at 1.0 s (the loop around
     the steps and the machine add to both, unequally): then gamma 1 wins. The parts of a call outside its
-    steps are subtracted; a gamma not yet run keeps its profiled cost, rescaled by how the calls compare
-    with the profile (here 144 s measured where the profile predicts 192: 0.75)."""
+    steps are subtracted; a gamma not yet run keeps its profiled cost, rescaled by how the calls of its kind
+    compare with the profile (drafting: 80 s measured where the profile predicts 128), or, before any call
+    of its kind, the other kind's."""
     c = bebop.DraftLengthChooser(3, alphas=[0.9, 0.9, 0.9], prior_steps=16)
     c.costs["B"], c.prefill["B"] = [1.0, 2.0, 3.0, 4.0], [0.5, 0.7]
     assert c.choose(c.round_cost("B")) == 0
     c.observe_cost("B", 1, 80.0 + 0.7, 64)           # 64 rounds of gamma 1, 1.25 s each, + the speculative prefill
     assert c.round_cost("B") == pytest.approx([0.625, 1.25, 1.875, 2.5])   # level 80 / 128
     assert c.choose(c.round_cost("B")) == 0
-    c.observe_cost("B", 0, 64.0 + 0.5, 64)           # 64 plain steps, 1.0 s each
-    assert c.round_cost("B") == pytest.approx([(16 * 0.75 + 64) / 80, (16 * 0.75 * 2 + 80) / 80, 2.25, 3.0])
+    c.observe_cost("B", 0, 64.0 + 0.5, 64)           # 64 plain steps, 1.0 s each, as profiled
+    assert c.round_cost("B") == pytest.approx([1.0, 1.25, 1.875, 2.5])
     assert c.choose(c.round_cost("B")) == 1
-    d = bebop.DraftLengthChooser(3)
+    d = bebop.DraftLengthChooser(3, prior_steps=16)
     d.load(c.state())
     assert d.round_cost("B") == c.round_cost("B")
 
@@ -1320,13 +1325,13 @@ def test_auto_learns_each_calls_steps_and_wall_time(drafted_model, monkeypatch):
 
 
 def test_auto_explores_the_runner_up_and_guesses_unmeasured_depths_from_the_deepest():
-    """The runner-up runs once right after the best's first call, then after every explore_every calls in a row
-    with one pick, whichever gamma leads. Without
+    """Exploring: plain decoding runs once right after the best's first call (it never ran), the runner-up
+    likewise after the best's next call, then after every explore_every calls in a row with one pick. Without
     a given prior, depths not yet measured take the deepest measured depth's acceptance (a given prior stays)."""
     c = bebop.DraftLengthChooser(3, alphas=[0.9, 0.9, 0.9], explore_every=2)
     c.costs["B"] = [1.0, 1.1, 1.2, 1.3]       # latency-bound: rates 1, 1.73, 2.26, 2.65: gamma 3, then 2
-    assert [c.pick("B") for _ in range(8)] == [3, 2, 3, 3, 2, 3, 3, 2]   # gamma 2 first runs as soon as it can
-    assert c.chosen["B"] == {3: 5, 2: 3}
+    assert [c.pick("B") for _ in range(8)] == [3, 0, 3, 2, 3, 3, 2, 3]
+    assert c.chosen["B"] == {3: 5, 0: 1, 2: 2}
     d = bebop.DraftLengthChooser(3)
     d.observe(dict(drafts_accepted=[19, 9, 0], drafts_reached=[20, 10, 0]))
     assert d.alphas == pytest.approx([0.95, 0.9, 0.9])
