@@ -1399,9 +1399,10 @@ class CudaGraphs:
 # 9. Adaptive draft length: speculation that never loses. Whether drafting pays depends on the batch size,
 # the device and the acceptance: at a batch where the verify forward is compute bound, checking gamma+1
 # tokens costs nearly gamma+1 plain steps. gamma="auto" picks, once per call, the draft length with the most
-# expected tokens per second, E(gamma) / C(B, gamma): E from Eq. 12 with running per-depth acceptance, C the
-# measured cost of one round at this batch shape (a plain step for gamma = 0, which then decodes plainly);
-# after a run of plain calls it drafts once, so that its estimates stay current.
+# expected tokens per second, E(gamma) / C(B, gamma): E from Eq. 12 with running per-depth acceptance and
+# the share of it that reaches the batch's slowest row, C the cost of one round at this batch shape (a plain
+# step for gamma = 0, which then decodes plainly), profiled once and then learned from the calls' wall times.
+# Now and then it runs a close second choice, so that its estimates stay current.
 # The choice sees only earlier calls and the costs, never the target's probabilities of the call it decides,
 # and every gamma is exact, so sampling stays exact (the tests force a schedule through every gamma).
 
@@ -1477,12 +1478,14 @@ class DraftLengthChooser:
     replaced by each call's counted acceptance (an exponential average with weight `smoothing` on the new
     call) for the depths that call reached.
 
-    Costs: each batch shape is profiled once (round_costs: each step alone, at its best); then every call
-    measures the cost of the steps it ran, which include what the profile leaves out (the loop around the
-    steps, caches in use, other work on the machine), and not by the same factor for plain steps and for
-    rounds. C(B, gamma) pools each gamma's measured seconds per step with its profiled cost, counted as
-    `prior_steps` steps and rescaled by how the calls of its kind (plain, or drafting) at this shape compare
-    with the profile; a gamma not yet run there is that rescaled profile.
+    Costs: each batch shape is profiled once (round_costs: each step alone, at its best, every gamma
+    interleaved); then every call measures the cost of the steps it ran, which includes what the profile
+    leaves out (the loop around the steps, caches in use, other work on the machine). C(B, gamma) =
+    level x profile(gamma) x offset(gamma): `level`, how much slower than the profile the machine runs now
+    (a running average over the latest calls at this shape, weight `drift` on the newest), and offset(gamma),
+    how that gamma's calls compared with the level set just before them by calls of other gammas (pooled
+    from `prior_calls` calls at 1). The offsets are paired comparisons: a slow minute on this shared machine
+    slows every gamma alike, so it moves the level, and does not count against whichever gamma ran then.
 
     A batch finishes when its slowest row does, so what a round buys the batch is the advance of its
     critical path, (longest row's tokens - 1) / rounds, which falls short of the mean E(gamma) of Eq. 12 more
@@ -1498,15 +1501,17 @@ class DraftLengthChooser:
     now and then (pick)."""
 
     def __init__(self, max_gamma: int, alphas=None, smoothing: float = 0.5, prior_tokens: float = 32.0,
-                 prior_steps: float = 64.0, explore_every: int = 8):
+                 prior_calls: float = 1.0, drift: float = 0.2, explore_every: int = 8):
         self.max_gamma, self.smoothing, self.prior_tokens = max_gamma, smoothing, prior_tokens
-        self.prior_steps, self.explore_every = prior_steps, explore_every
+        self.prior_calls, self.drift, self.explore_every = prior_calls, drift, explore_every
         self.follow_deepest = alphas is None
         self.alphas = list(alphas) if alphas is not None else [0.8] * max_gamma
         self.observed = [0] * max_gamma   # measurements folded in, per depth
         self.costs = {}      # (B, P, max_new_tokens, graphs) -> profiled seconds per step, gamma = 0..max_gamma
         self.prefill = {}    # same keys -> profiled seconds outside the steps, [plain call, speculative call]
-        self.timed = {}      # same keys -> {gamma: [seconds, steps]} measured in calls, summed
+        self.level = {}      # same keys -> the calls' seconds per step over the profile's, lately
+        self.offset = {}     # same keys -> {gamma: [sum over its calls of (their ratio / level), calls]}
+        self.last = {}       # same keys -> the gamma of the last call
         self.drafted = {}    # same keys -> {gamma: [drafted tokens the critical path gained, Eq. 12 expected]}
         self.streak = {}     # same keys -> [gamma, calls in a row that picked it]
         self.chosen = {}     # same keys -> {gamma: calls}
@@ -1516,16 +1521,12 @@ class DraftLengthChooser:
         return 1 + efficiency * (tokens_per_forward(self.alphas[:gamma]) - 1)
 
     def round_cost(self, shape) -> list:
-        """C(B, gamma) for gamma = 0..max_gamma at this shape: measured where run, else the rescaled profile."""
-        profile, timed = self.costs[shape], self.timed.get(shape, {})
-        def level(drafting):   # the calls' seconds over the profile's, pooled over one kind of call
-            runs = [(s, n * profile[g]) for g, (s, n) in timed.items() if (g > 0) == drafting]
-            return sum(s for s, _ in runs) / sum(p for _, p in runs) if runs else None
-        plain, drafting = level(False), level(True)
-        levels = [plain or drafting or 1.0, drafting or plain or 1.0]   # a kind not yet run: the other's
-        w = self.prior_steps
-        return [(w * levels[g > 0] * c + timed.get(g, (0.0, 0))[0]) / (w + timed.get(g, (0.0, 0))[1])
-                for g, c in enumerate(profile)]
+        """C(B, gamma) for gamma = 0..max_gamma at this shape: level x profile x offset."""
+        return [self.level.get(shape, 1.0) * c * self.offset_of(shape, g) for g, c in enumerate(self.costs[shape])]
+
+    def offset_of(self, shape, gamma: int) -> float:
+        total, calls = self.offset.get(shape, {}).get(gamma, (0.0, 0))
+        return (self.prior_calls + total) / (self.prior_calls + calls)
 
     def efficiency(self, shape) -> list:
         """Per gamma = 0..max_gamma, the share of Eq. 12's drafted part that reaches this shape's critical path:
@@ -1571,9 +1572,18 @@ class DraftLengthChooser:
         """Fold in a call's wall time: `steps` steps with this gamma (0: plain) took `seconds` minus the
         profiled parts outside the steps."""
         if steps > 0:
-            spent, n = self.timed.setdefault(shape, {}).get(gamma, (0.0, 0))
             outside = self.prefill[shape][gamma > 0] if shape in self.prefill else 0.0
-            self.timed[shape][gamma] = [spent + max(seconds - outside, 0.0), n + steps]
+            ratio = max(seconds - outside, 0.0) / steps / self.costs[shape][gamma]   # over the profile
+            level = self.level.get(shape)
+            # A call with another gamma than the last one is compared with the level the last calls set just
+            # before it; a call with the same gamma cannot tell a slower gamma from a slower machine, and only
+            # moves the level.
+            if level is not None and self.last.get(shape) != gamma:
+                total, calls = self.offset.setdefault(shape, {}).get(gamma, (0.0, 0))
+                self.offset[shape][gamma] = [total + ratio / level, calls + 1]
+            machine = ratio / self.offset_of(shape, gamma)
+            self.level[shape] = machine if level is None else level + self.drift * (machine - level)
+            self.last[shape] = gamma
 
     def observe_batch(self, shape, gamma: int, longest: int, rounds: int):
         """Fold in a call's critical-path advance (its longest row kept `longest` tokens in `rounds` rounds)."""
@@ -1584,7 +1594,8 @@ class DraftLengthChooser:
 
     def state(self) -> dict:
         return dict(alphas=list(self.alphas), observed=list(self.observed), costs=dict(self.costs),
-                    prefill=dict(self.prefill), timed={k: dict(v) for k, v in self.timed.items()},
+                    prefill=dict(self.prefill), level=dict(self.level), last=dict(self.last),
+                    offset={k: dict(v) for k, v in self.offset.items()},
                     drafted={k: dict(v) for k, v in self.drafted.items()},
                     chosen={k: dict(v) for k, v in self.chosen.items()}, streak=dict(self.streak))
 
@@ -1595,7 +1606,9 @@ class DraftLengthChooser:
         self.chosen = {k: dict(v) for k, v in state["chosen"].items() if isinstance(v, dict)}
         self.drafted = {k: dict(v) for k, v in state.get("drafted", {}).items() if isinstance(v, dict)}
         self.streak = dict(state.get("streak", {}))
-        self.prefill, self.timed = dict(state.get("prefill", {})), {k: dict(v) for k, v in state.get("timed", {}).items()}
+        self.prefill, self.level = dict(state.get("prefill", {})), dict(state.get("level", {}))
+        self.last = dict(state.get("last", {}))
+        self.offset = {k: dict(v) for k, v in state.get("offset", {}).items()}
 
     def observe(self, stats):
         """Fold a call's counted per-depth acceptance into the estimates (depths it did not reach keep theirs,

@@ -1291,37 +1291,49 @@ def test_round_costs_are_learned_from_the_calls():
     """The profile (each step alone) says plain decoding wins: a gamma-1 round costs 2 plain steps, more than
     the 1.9 tokens it yields. The calls measure a round at 1.25 s and a plain step at 1.0 s (the loop around
     the steps and the machine add to both, unequally): then gamma 1 wins. The parts of a call outside its
-    steps are subtracted; a gamma not yet run keeps its profiled cost, rescaled by how the calls of its kind
-    compare with the profile (drafting: 80 s measured where the profile predicts 128), or, before any call
-    of its kind, the other kind's."""
-    c = bebop.DraftLengthChooser(3, alphas=[0.9, 0.9, 0.9], prior_steps=16)
+    steps are subtracted. The first call sets the level only (nothing to compare it with); plain's call,
+    after it, is compared with that level: offset (1 + 1.0 / 0.625) / 2 = 1.3. A slow minute that doubles
+    the time of the gamma-1 calls that follow one another moves the level, not the offsets or the choice."""
+    c = bebop.DraftLengthChooser(3, alphas=[0.9, 0.9, 0.9], prior_calls=1, drift=0.5)
     c.costs["B"], c.prefill["B"] = [1.0, 2.0, 3.0, 4.0], [0.5, 0.7]
     assert c.choose(c.round_cost("B")) == 0
-    c.observe_cost("B", 1, 80.0 + 0.7, 64)           # 64 rounds of gamma 1, 1.25 s each, + the speculative prefill
-    assert c.round_cost("B") == pytest.approx([0.625, 1.25, 1.875, 2.5])   # level 80 / 128
-    assert c.choose(c.round_cost("B")) == 0
-    c.observe_cost("B", 0, 64.0 + 0.5, 64)           # 64 plain steps, 1.0 s each, as profiled
-    assert c.round_cost("B") == pytest.approx([1.0, 1.25, 1.875, 2.5])
+    c.observe_cost("B", 1, 12.5 + 0.7, 10)           # 10 rounds of gamma 1, 1.25 s each, + the speculative prefill
+    assert c.round_cost("B") == pytest.approx([0.625, 1.25, 1.875, 2.5])   # level 0.625, no offsets yet
+    assert c.choose(c.round_cost("B")) == 0          # a level alone never changes the choice
+    c.observe_cost("B", 0, 10.0 + 0.5, 10)           # 10 plain steps, 1.0 s each, as profiled
+    level = 0.625 + 0.5 * (1.0 / 1.3 - 0.625)
+    assert c.level["B"] == pytest.approx(level)
+    assert c.round_cost("B") == pytest.approx([level * 1.3, level * 2, level * 3, level * 4])
     assert c.choose(c.round_cost("B")) == 1
-    d = bebop.DraftLengthChooser(3, prior_steps=16)
+    c.observe_cost("B", 1, 12.5 + 0.7, 10)           # gamma 1 again, compared with the level plain's call left
+    assert c.choose(c.round_cost("B")) == 1
+    offsets = {g: c.offset_of("B", g) for g in range(4)}
+    for _ in range(4):
+        c.observe_cost("B", 1, 25.0 + 0.7, 10)       # then the machine at half speed
+        assert c.choose(c.round_cost("B")) == 1
+    assert {g: c.offset_of("B", g) for g in range(4)} == offsets and c.level["B"] > 1.8 * level
+    d = bebop.DraftLengthChooser(3, alphas=[0.9, 0.9, 0.9], prior_calls=1, drift=0.5)
     d.load(c.state())
-    assert d.round_cost("B") == c.round_cost("B")
+    assert d.round_cost("B") == c.round_cost("B") and d.last == c.last
 
 
 def test_auto_learns_each_calls_steps_and_wall_time(drafted_model, monkeypatch):
     """adaptive_generate folds in the steps each call ran (its target forwards after the prefill's) and its
-    wall time less the profiled parts outside the steps."""
+    wall time less the profiled parts outside the steps, over the profiled cost of a step (here made to
+    dwarf the real times, which are milliseconds): the first call sets the level, the second, with another
+    gamma, is compared with it."""
     K = drafted_model.config.mtp_train_steps
     monkeypatch.setattr(bebop, "round_costs", lambda *a, **k: [1.0] + [10.0] * K)   # plain, then gamma K
-    monkeypatch.setattr(bebop, "prefill_costs", lambda *a, **k: [-100.0, -200.0])  # so that wall time shows
+    monkeypatch.setattr(bebop, "prefill_costs", lambda *a, **k: [-100.0, -200.0])
     chooser = bebop.DraftLengthChooser(K, explore_every=1)
     prompt = torch.randint(0, 8, (2, 5), generator=torch.Generator().manual_seed(0))
     outs = [bebop.speculative_generate(drafted_model, prompt, 6, gamma="auto", chooser=chooser) for _ in range(2)]
-    timed = chooser.timed[(2, 5, 6, False)]
-    assert [o.stats["gamma"] for o in outs] == [0, K] and set(timed) == {0, K}
-    for g, out, outside in zip((0, K), outs, (-100.0, -200.0)):
-        assert timed[g][1] == out.stats["target_forwards"] - 1 > 0
-        assert -outside < timed[g][0] < -outside + 10
+    shape = (2, 5, 6, False)
+    steps = [o.stats["target_forwards"] - 1 for o in outs]
+    assert [o.stats["gamma"] for o in outs] == [0, K] and min(steps) > 0
+    assert list(chooser.offset[shape]) == [K] and chooser.offset[shape][K][1] == 1 and chooser.last[shape] == K
+    first_level = 100.0 / steps[0] / 1.0
+    assert chooser.offset[shape][K][0] == pytest.approx(200.0 / steps[1] / 10.0 / first_level, rel=0.01)
 
 
 def test_auto_explores_the_runner_up_and_guesses_unmeasured_depths_from_the_deepest():
