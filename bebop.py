@@ -1497,8 +1497,8 @@ class DraftLengthChooser:
     at batch 1 is a handful of rounds of one row, too noisy to decide alone, and an unlucky one would
     otherwise switch drafting off at that shape for good.
 
-    A chooser that keeps picking one gamma learns nothing more about the others, so it runs the runner-up
-    now and then (pick)."""
+    A chooser that keeps picking one gamma learns nothing more about the others, so now and then it runs
+    its second choice (pick says when)."""
 
     def __init__(self, max_gamma: int, alphas=None, smoothing: float = 0.5, prior_tokens: float = 32.0,
                  prior_calls: float = 1.0, drift: float = 0.2, explore_every: int = 8):
@@ -1525,6 +1525,7 @@ class DraftLengthChooser:
         return [self.level.get(shape, 1.0) * c * self.offset_of(shape, g) for g, c in enumerate(self.costs[shape])]
 
     def offset_of(self, shape, gamma: int) -> float:
+        """offset(gamma): its calls' ratio to the level of their time, pooled from `prior_calls` calls at 1."""
         total, calls = self.offset.get(shape, {}).get(gamma, (0.0, 0))
         return (self.prior_calls + total) / (self.prior_calls + calls)
 
