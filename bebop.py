@@ -1554,19 +1554,19 @@ class DraftLengthChooser:
     def pick(self, shape) -> int:
         """choose() for a profiled shape, except that it explores once (the streak then starts again) after
         `explore_every` calls in a row with the same pick, or, while the candidate never ran here, right after
-        a call with the same best. The candidate is the runner-up, or plain decoding while it never
-        ran and a draft length leads (its cost is not rescaled like a round's). Its cost and acceptance are
-        then measured, not only profiled or assumed."""
+        a call with the same best. The candidate is the runner-up, or plain decoding while it never ran and a
+        draft length leads (rounds say nothing about plain's offset). Its cost and acceptance are then
+        measured, not only profiled or assumed."""
         rate = self.rates(self.round_cost(shape), self.efficiency(shape))
         best, runner_up = sorted(range(len(rate)), key=lambda g: (-rate[g], g))[:2]
-        ran = self.chosen.get(shape, {})
+        ran = self.chosen.setdefault(shape, {})   # gamma -> calls at this shape
         candidate = 0 if best > 0 and 0 not in ran else runner_up
         gamma, count = self.streak.get(shape, (None, 0))
         count = count + 1 if best == gamma else 1
         explore = count > self.explore_every or (count > 1 and candidate not in ran)
         self.streak[shape] = [best, 0 if explore else count]
         gamma = candidate if explore else best
-        self.chosen.setdefault(shape, {})[gamma] = self.chosen.get(shape, {}).get(gamma, 0) + 1
+        ran[gamma] = ran.get(gamma, 0) + 1
         return gamma
 
     def observe_cost(self, shape, gamma: int, seconds: float, steps: int):
@@ -3019,9 +3019,9 @@ def time_grpo_steps(model: GPT, task: DigitSumTask, tc: TrainConfig, device, kin
     kinds {name: (rollout, gamma)}, each with its own copy of the model, optimizer and graphs, the kinds
     alternated step by step on the same prompts and rollout seed; one untimed step of each first (kernel
     selection, graph captures, auto's cost profile). gamma "auto" continues with `chooser` (what it learned
-    of this batch shape elsewhere, as a run's chooser has after its first steps), else a fresh one.
-    Returns {name: dict(step_s, rollout_s, steps,
-    gamma (per timed step), plain_over_this_90 (90% paired interval of plain's step time over this one))}."""
+    of this batch shape elsewhere, as a run's chooser has after its first steps), else a fresh one. Returns
+    {name: dict(step_s, rollout_s, steps, gamma (per timed step), plain_over_this_90 (90% paired interval of
+    plain's step time over this one))}."""
     runs = {}
     for name, (roll_kind, g) in kinds.items():
         m = GPT(model.config).to(device)

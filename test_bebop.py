@@ -1446,6 +1446,11 @@ def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tmp_path, monk
     resumed, summary = bebop.train(bebop.parse_args(run + ["--out", str(tmp_path / "b"), "--resume"]))
     assert states_equal(full.state_dict(), resumed.state_dict())
     assert summary["reward_before"] == json.load(open(tmp_path / "a" / "summary.json"))["reward_before"]
+    # The tiny run earns no reward, so GRPO leaves the policy's weights as they were: the rollouts must match too.
+    keys = ("reward", "entropy", "kept_tokens", "row_rounds", "drafts_reached", "drafts_accepted")
+    logs = [[{k: m[k] for k in keys} for m in map(json.loads, open(tmp_path / r / "log.jsonl")) if m["stage"] == "grpo"]
+            for r in ("a", "b")]
+    assert logs[0] == logs[1] and len(logs[0]) == 6
 
 
 def test_resume_with_auto_draft_length_is_bit_identical(tmp_path, monkeypatch):
