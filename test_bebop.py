@@ -1446,7 +1446,7 @@ def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tmp_path, monk
     resumed, summary = bebop.train(bebop.parse_args(run + ["--out", str(tmp_path / "b"), "--resume"]))
     assert states_equal(full.state_dict(), resumed.state_dict())
     assert summary["reward_before"] == json.load(open(tmp_path / "a" / "summary.json"))["reward_before"]
-    # The tiny run earns no reward, so GRPO leaves the policy's weights as they were: the rollouts must match too.
+    # The tiny run earns almost no reward, so equal weights do not show equal rollouts: compare those too.
     keys = ("reward", "entropy", "kept_tokens", "row_rounds", "drafts_reached", "drafts_accepted")
     logs = [[{k: m[k] for k in keys} for m in map(json.loads, open(tmp_path / r / "log.jsonl")) if m["stage"] == "grpo"]
             for r in ("a", "b")]
@@ -1477,8 +1477,9 @@ def test_resume_with_auto_draft_length_is_bit_identical(tmp_path, monkeypatch):
     resumed, summary = bebop.train(bebop.parse_args(run + ["--out", str(tmp_path / "b"), "--resume"]))
     assert states_equal(full.state_dict(), resumed.state_dict())
     assert summary["gamma_chosen_in_rl"] == chosen and sum(chosen.values()) == 6
-    # The tiny run earns no reward, so its weights do not move in RL: the rollouts themselves and the chooser
-    # must match. Each step's rollout statistics, and the chooser the runs end with (timings aside):
+    # The tiny run earns almost no reward (most steps none), so its weights hardly depend on the rollouts, and
+    # equal weights do not show equal rollouts. Each step's rollout statistics, and the chooser the runs end
+    # with (timings aside):
     rollout_keys = ("gamma", "reward", "entropy", "kept_tokens", "row_rounds", "drafts_reached", "drafts_accepted")
     logs = [[{k: m[k] for k in rollout_keys} for m in map(json.loads, open(tmp_path / r / "log.jsonl"))
              if m["stage"] == "grpo"] for r in ("a", "b")]
