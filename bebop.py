@@ -1678,7 +1678,8 @@ def experiment_decomposition(lab: Lab, rl: dict) -> dict:
             e["untestable"] = f"entropy moved {e['entropy_change']:+.3f} nats, under {MIN_ENTROPY_CHANGE}: b dH is 0"
     table(f"decomposition (paper Eq. 16 / Fig. 3: TO both terms, RS-CE mostly entropy, RS-TV near zero in both): "
           f"runs with |dH| >= {MIN_ENTROPY_CHANGE} nats, change of expected tokens per forward, last - first 10 steps "
-          f"= b dH + residual, on the rollouts and on the fixed contexts", rows or [dict(runs="none")])
+          f"= b dH + residual (b [95%, moving blocks of 5 steps]), on the rollouts and on the fixed contexts",
+          rows or [dict(runs="none")])
     table("decomposition, every run on the fixed contexts: changes of H and of each rule; KL(pi_t || pi_0); held-out "
           "reward gained", [dict(run=k, dH=e["entropy_change"], dH_fixed=e["fixed_entropy_change"], **e["fixed_change"],
                           kl_to_start=e["kl_to_start"], reward_gain=e["reward_gain"]) for k, e in result.items()])
@@ -1970,7 +1971,10 @@ def train(args):
 
 def summarize(run: Run, task: DigitSumTask, held_out, rl: dict, device) -> dict:
     """The policy on the held-out prompts at the start, middle and end of RL (evaluate), and rollout speed at the RL
-    batch side by side with plain decoding: printed, and written to summary.json."""
+    batch side by side with plain decoding: printed, and written to summary.json: reward_before / _after and
+    reward_gain_ci (95%, prompts resampled), accuracy_before / _after, frozen_head (per stage: counted, rs, to, kl),
+    acceptance (per depth) and accept_length over the last steps that drafted, entropy, tokens_per_s and
+    rollout_speedup at rollout_batch, gamma_chosen_in_rl ({gamma: steps}), wall_seconds (the run's, resumes added)."""
     tc, n, B, recent = run.tc, len(held_out[0]), run.tc.rl_prompts * run.tc.group_size, rl.get("recent", [])
     ev = {k: rl.get("evaluations", {}).get(str(step)) for k, step in (("start", 0), ("middle", tc.rl_steps // 2))}
     ev["end"] = evaluate(rl["policy"], rl["start"], task, held_out, tc.temperature, tc.seed)
