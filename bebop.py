@@ -1092,11 +1092,16 @@ def evaluate(model: GPT, start: GPT, task: DigitSumTask, prompts, temperature: f
                                 generator=torch.Generator(idx.device).manual_seed(seed))
     reward, correct = task.reward(roll.new_tokens, S, N)
     tf = teacher_forced(model, roll.tokens, roll.mask, 3, temperature)
-    logp, logr = (F.log_softmax(m(roll.tokens[:, :-1])[:, PROMPT_LEN - 1:].float(), -1) for m in (model, start))
     return dict(reward=reward.mean().item(), accuracy=correct.float().mean().item(), rewards=reward.tolist(),
                 counted=roll.stats["accept_length"], prompts=len(idx),
                 **{k: tokens_per_forward(masked_mean(tf[k], tf["valid"]).tolist()) for k in ("rs", "to")},
-                kl=masked_mean((logp.exp() * (logp - logr)).sum(-1), roll.mask).item())
+                kl=kl_per_token(model, start, roll.tokens, roll.mask))
+
+@torch.no_grad()
+def kl_per_token(model: GPT, ref: GPT, tokens, mask) -> float:
+    """KL(model || ref) per kept answer token of tokens (B, PROMPT_LEN + T), mask (B, T): how far a policy moved."""
+    logp, logr = (F.log_softmax(m(tokens[:, :-1])[:, PROMPT_LEN - 1:].float(), -1) for m in (model, ref))
+    return masked_mean((logp.exp() * (logp - logr)).sum(-1), mask).item()
 
 def lstsq(y, *columns) -> list:
     """Least-squares coefficients of y on [1, *columns]: [intercept, a slope per column]."""
@@ -1560,9 +1565,6 @@ def rl_run(lab: Lab, name: str, seed: int) -> dict:
     opt, mtp_opt = adamw(backbone_parameters(model), lr), adamw(model.mtp.parameters(), tc.mtp_online_lr)
     gen, gen_roll = torch.Generator().manual_seed(100 + seed), torch.Generator(lab.device).manual_seed(200 + seed)
     tokens, mask, steps = lab.contexts[0][:32], lab.contexts[1][:32], []
-    logp_start = lambda m: F.log_softmax(m(tokens[:, :-1])[:, PROMPT_LEN - 1:].float(), -1)
-    with torch.no_grad():
-        logr = logp_start(start)
     for _ in tqdm(range(tc.rl_steps), desc=f"rl {name} seed {seed}", leave=False):
         prompts = tuple(x.repeat_interleave(tc.group_size, 0).to(lab.device)
                         for x in lab.task.prompts(tc.rl_prompts, gen))
@@ -1572,11 +1574,8 @@ def rl_run(lab: Lab, name: str, seed: int) -> dict:
         own = {"online": deepcopy(scratch.mtp.state_dict())} if online != "none" else {}
         rollouts, _ = head_acceptance(scratch, {**own, **heads}, roll.tokens[::8], roll.mask[::8])
         fixed, fixed_entropy = head_acceptance(scratch, heads, tokens, mask)
-        with torch.no_grad():
-            logp = logp_start(scratch)
         steps.append(dict(reward=m["reward"], entropy=m["entropy"], rollouts=rollouts, fixed=fixed,
-                          fixed_entropy=fixed_entropy, kl_to_start=masked_mean((logp.exp() * (logp - logr)).sum(-1),
-                                                                               mask).item()))
+                          fixed_entropy=fixed_entropy, kl_to_start=kl_per_token(scratch, start, tokens, mask)))
     lab.start = lab.start or evaluate(start, start, lab.task, lab.held)
     result = dict(name=name, seed=seed, lr=lr, online=online, steps=steps, start=lab.start,
                   end=evaluate(model, start, lab.task, lab.held))
@@ -1986,15 +1985,15 @@ def summarize(run: Run, task: DigitSumTask, held_out, rl: dict, device) -> dict:
     ci, modes = bootstrap(lambda i: sum(gain[j] for j in i) / n, n), [0, *dict.fromkeys(m for m in (3, tc.gamma) if m)]
     speed = time_rollouts(rl["policy"], held_out[0], B, task.max_new_tokens, modes, 0.1 if tc.preset == "tiny" else 2.0,
                           graphs=rl["graphs"])
-    pooled = lambda key: [sum(c) for c in zip(*[m[key] for m in drafting])] if key.startswith("drafts") else sum(
-        m[key] for m in drafting)
-    accepted, reached = pooled("drafts_accepted"), pooled("drafts_reached")
+    per_depth = lambda key: [sum(c) for c in zip(*[m[key] for m in drafting])]   # summed over the drafting steps
+    accepted, reached = per_depth("drafts_accepted"), per_depth("drafts_reached")
+    kept, row_rounds = sum(m["kept_tokens"] for m in drafting), sum(m["row_rounds"] for m in drafting)
     summary = dict(preset=tc.preset, device=str(device), gamma=tc.gamma, eval_prompts=n,
                    reward_before=before["reward"], reward_after=after["reward"], reward_gain_ci=ci,
                    accuracy_before=before["accuracy"], accuracy_after=after["accuracy"],
                    frozen_head={k: {m: e[m] for m in ("counted", "rs", "to", "kl")} for k, e in ev.items()},
                    acceptance=[a / r if r else None for a, r in zip(accepted, reached)],
-                   accept_length=pooled("kept_tokens") / max(1, pooled("row_rounds")) or 1.0, rollout_batch=B,
+                   accept_length=kept / max(1, row_rounds) or 1.0, rollout_batch=B,
                    entropy=sum(m["entropy"] for m in recent) / max(1, len(recent)),
                    rollout_speedup=speed[tc.gamma]["tokens_per_s"] / speed[0]["tokens_per_s"],
                    tokens_per_s={str(m): speed[m]["tokens_per_s"] for m in modes}, wall_seconds=time.time() - run.t0,
