@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from copy import deepcopy
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -1093,7 +1093,7 @@ def evaluate(model: GPT, start: GPT, task: DigitSumTask, prompts, temperature: f
     reward, correct = task.reward(roll.new_tokens, S, N)
     tf = teacher_forced(model, roll.tokens, roll.mask, 3, temperature)
     return dict(reward=reward.mean().item(), accuracy=correct.float().mean().item(), rewards=reward.tolist(),
-                counted=roll.stats["accept_length"], prompts=len(idx),
+                counted=roll.stats["accept_length"],
                 **{k: tokens_per_forward(masked_mean(tf[k], tf["valid"]).tolist()) for k in ("rs", "to")},
                 kl=kl_per_token(model, start, roll.tokens, roll.mask))
 
@@ -1155,7 +1155,7 @@ def all_reduce(values: dict, world: int, op: str = "mean") -> dict:
 def average_gradients(params, world: int):
     """Data parallelism's gradient all-reduce, by hand, so that every stage (the MTP layer's too) is covered alike."""
     if world > 1 and (grads := [p.grad for p in params if p.grad is not None]):
-        flat = torch.cat([g.flatten() for g in grads])
+        flat = torch.cat([g.flatten() for g in grads])   # one collective, not one per tensor
         dist.all_reduce(flat)
         for g, part in zip(grads, (flat / world).split([g.numel() for g in grads])):
             g.copy_(part.view_as(g))
@@ -1168,7 +1168,7 @@ STAGE_SETTINGS = {   # what each stage's result depends on, besides the model co
     "sft": ("preset", "seed", "task_seed", "sft_steps", "sft_lr", "batch_size", "grad_clip", "precision"),
     "mtp": ("mtp_steps", "mtp_lr", "mtp_loss", "mtp_ce_warmup"),
     "grpo": ("rl_steps", "rl_lr", "rl_prompts", "group_size", "clip_eps", "kl_coef", "entropy_coef", "temperature",
-             "gamma", "draft", "mtp_online", "mtp_online_lr")}
+             "gamma", "draft", "mtp_online", "mtp_online_lr", "eval_prompts")}
 
 class Run:
     """A run's folder: a checkpoint per stage, written atomically and restored only if made with this run's settings,
@@ -1178,7 +1178,7 @@ class Run:
     def __init__(self, out, tc: TrainConfig, cfg: GPTConfig, resume=False, overwrite=False, rank=0, world=1,
                  stages=STAGES):
         self.out, self.tc, self.cfg, self.resume, self.rank, self.world = out, tc, cfg, resume, rank, world
-        self.stages, self.t0, self.interrupted, self.log = stages, time.time(), False, None
+        self.stages, self.t0, self.interrupted, self.log = stages, time.time(), False, os.path.join(out, "log.jsonl")
         try:
             os.makedirs(out, exist_ok=True)
         except OSError as e:
@@ -1198,6 +1198,8 @@ class Run:
             self.t0 -= ckpt["wall_seconds"]
         for stage in found if overwrite and rank == 0 else ():
             os.remove(self.path(stage))
+        if rank == 0 and not resume:
+            open(self.log, "w").close()
 
     def __enter__(self):
         main = threading.current_thread() is threading.main_thread()
@@ -1207,8 +1209,6 @@ class Run:
     def __exit__(self, *exc):
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
-        if self.log is not None:
-            self.log.close()
 
     def on_sigint(self, *_):
         self.interrupted = True
@@ -1217,14 +1217,20 @@ class Run:
     def path(self, stage: str) -> str:
         return os.path.join(self.out, f"{stage}.pt")
 
-    def read(self, path: str) -> dict:
+    def read(self, path: str, model: GPT = None, optimizers=()) -> dict:
+        """A checkpoint, loaded into model and optimizers if given; a damaged or misfit one is refused."""
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
             assert {"model", "optimizers", "rng", "train", "model_config", "step", "extra", "wall_seconds"} <= set(ckpt)
+            if model is not None:   # a stage restored: its weights and every optimizer must fit
+                model.load_state_dict(ckpt["model"])
+                for optimizer, state in zip(optimizers, ckpt["optimizers"], strict=True):
+                    optimizer.load_state_dict(state)
             return ckpt
         except Exception as e:
-            raise RunError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}); move it away or run "
-                           f"without --resume") from None
+            why = " ".join(f"{type(e).__name__} {e}".split())[:100]   # one line, e.g. which tensor does not fit
+            raise RunError(f"checkpoint {path} is unreadable or truncated, or does not fit this model ({why}); move "
+                           f"it away or run without --resume") from None
 
     def restore(self, stage: str, model: GPT, optimizers, generators):
         """Where a stage starts: (step, extra) of its checkpoint, restoring model, optimizers and random streams;
@@ -1232,15 +1238,7 @@ class Run:
         later = any(os.path.exists(self.path(s)) for s in self.stages[self.stages.index(stage) + 1:])
         if not self.resume or later or not os.path.exists(self.path(stage)):
             return None if self.resume and later else (0, {})
-        ckpt = self.read(self.path(stage))
-        try:
-            model.load_state_dict(ckpt["model"])
-            assert len(ckpt["optimizers"]) == len(optimizers), "another number of optimizers"
-            for optimizer, state in zip(optimizers, ckpt["optimizers"]):
-                optimizer.load_state_dict(state)
-        except (RuntimeError, ValueError, KeyError, AssertionError) as e:
-            raise RunError(f"checkpoint {self.path(stage)} is unreadable or truncated (it does not fit this model: "
-                           f"{str(e).splitlines()[0][:100]}); move it away or run without --resume") from None
+        ckpt = self.read(self.path(stage), model, optimizers)
         for g, state in zip(generators, ckpt["rng"][self.rank]["generators"]):
             g.set_state(state)
         torch.set_rng_state(ckpt["rng"][self.rank]["torch"])
@@ -1268,8 +1266,8 @@ def after_step(run: Run, stage, step, total, bar, metrics: dict, shown: str, mod
         raise RunError(f"{stage} step {step}: the loss is {metrics['loss']}; stopped, the last checkpoint is kept; "
                        f"lower a learning rate or a coefficient")
     if run.rank == 0:
-        run.log = run.log or open(os.path.join(run.out, "log.jsonl"), "a" if run.resume else "w")
-        print(json.dumps(dict(stage=stage, step=step, **metrics)), file=run.log, flush=True)
+        with open(run.log, "a") as log:
+            print(json.dumps(dict(stage=stage, step=step, **metrics)), file=log)
     bar.set_postfix_str(shown, refresh=False)
     stop = all_reduce(dict(stop=float(run.interrupted)), run.world, "sum")["stop"] > 0
     if stop or (step + 1) % run.tc.ckpt_every == 0 or step + 1 == total:
@@ -1282,11 +1280,11 @@ def after_step(run: Run, stage, step, total, bar, metrics: dict, shown: str, mod
 def adamw(params, lr: float):
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+def set_lr(optimizer, step: int, total: int, base: float, warmup: int):
     """Linear warm-up, then cosine decay to 10% of the base rate."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(1, total - warmup), 1.0))))
+    decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(1, total - warmup), 1.0)))
+    for group in optimizer.param_groups:
+        group["lr"] = base * (step + 1) / warmup if step < warmup else base * decay
 
 def train_sft(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
     """Supervised fine-tuning of the backbone on house-style examples (answer tokens only)."""
@@ -1296,8 +1294,7 @@ def train_sft(run: Run, model: GPT, task: DigitSumTask, gen_data, device):
         return
     model.train()
     for step in (bar := progress(run, "sft", resumed[0], tc.sft_steps)):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc.sft_steps, tc.sft_lr, warmup=min(100, tc.sft_steps // 10 + 1))
+        set_lr(opt, step, tc.sft_steps, tc.sft_lr, warmup=min(100, tc.sft_steps // 10 + 1))
         seq, lengths = task.sft_batch(tc.batch_size // run.world, gen_data)   # this rank's share
         with autocast(tc, device):
             loss = sft_loss(model, seq.to(device), lengths.to(device))
@@ -1318,30 +1315,29 @@ def policy_samples(model: GPT, task: DigitSumTask, n: int, generator, rank: int 
         lengths.append(PROMPT_LEN + out.mask.sum(1).cpu())
     return torch.cat(seqs), torch.cat(lengths)
 
-def train_mtp(run: Run, model: GPT, task: DigitSumTask, gen_data, device, data=None, until=None):
+def train_mtp(run: Run, model: GPT, task: DigitSumTask, gen_data, device, data=None):
     """Pre-RL MTP training, backbone frozen: one epoch over mtp_steps x batch_size of the policy's own answers. The
     first mtp_ce_warmup of the steps are CE, as real MTP heads come CE-pretrained: TV's gradient q (S - 1 + 1[q > p])
     vanishes where the head gives no mass, so a cold TV head never learns a rare but certain token (the end mark).
-    data() hands in answers (and the backbone's outputs on them) that heads share; `until` stops early."""
+    data() hands in answers (and the backbone's outputs on them) that heads share."""
     tc, K, params = run.tc, model.config.mtp_train_steps, list(model.mtp.parameters())
-    opt, total, B = adamw(params, tc.mtp_lr), until or tc.mtp_steps, tc.batch_size // run.world
-    if (resumed := run.restore("mtp", model, [opt], [gen_data])) is None or resumed[0] >= total:
+    opt, B = adamw(params, tc.mtp_lr), tc.batch_size // run.world
+    if (resumed := run.restore("mtp", model, [opt], [gen_data])) is None or resumed[0] >= tc.mtp_steps:
         return
     g = torch.Generator().manual_seed(tc.seed + 2 + 1000 * run.rank)   # a resumed run makes the same set again
     columns = data() if data is not None else policy_samples(model, task, tc.mtp_steps * B, g, run.rank)
     order = torch.randperm(len(columns[0]), generator=g)[:tc.mtp_steps * B]
     columns = [c[order.to(c.device)] for c in columns]
     model.train()
-    for step in (bar := progress(run, "mtp", resumed[0], total)):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc.mtp_steps, tc.mtp_lr, warmup=min(50, tc.mtp_steps // 10 + 1))
+    for step in (bar := progress(run, "mtp", resumed[0], tc.mtp_steps)):
+        set_lr(opt, step, tc.mtp_steps, tc.mtp_lr, warmup=min(50, tc.mtp_steps // 10 + 1))
         kind = "ce" if step < int(tc.mtp_ce_warmup * tc.mtp_steps) else tc.mtp_loss
         seq, lengths, *backbone = [c[step * B:(step + 1) * B] for c in columns]
         with autocast(tc, device):
             loss = mtp_training_loss(model, kind, seq.to(device), lengths.to(device), K, backbone or None)
         update(loss, opt, params, tc.grad_clip, functools.partial(average_gradients, world=run.world))
         m = dict(all_reduce(dict(loss=loss.item()), run.world), objective=kind)
-        after_step(run, "mtp", step, total, bar, m, f"{kind} {m['loss']:.3f}", model, [opt], [gen_data])
+        after_step(run, "mtp", step, tc.mtp_steps, bar, m, f"{kind} {m['loss']:.3f}", model, [opt], [gen_data])
 
 def rollout_weights(model: GPT, precision: str) -> GPT:
     """What rollouts run on: the model itself in fp32; in bf16 a copy with bf16 weights (rotary tables stay float32),
@@ -1391,14 +1387,14 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
         if chooser and gamma:
             chooser.observe(roll.stats)
             extra["chooser"] = (chooser.alphas, chooser.measured)
-        pad = lambda counts: (counts + [0] * K)[:K]   # ranks and steps may draft different lengths
-        metrics = dict(**all_reduce(dict(loss=m["loss"], reward=m["reward"], accuracy=m["accuracy"],
-                                         entropy=m["entropy"], rollout_s=m["rollout_s"]), run.world),
-                       **all_reduce(dict(tokens_per_s=m["tokens"] / m["rollout_s"], kept_tokens=m["kept_tokens"],
-                                         row_rounds=m["row_rounds"], drafts_reached=pad(m["drafts_reached"]),
-                                         drafts_accepted=pad(m["drafts_accepted"])), run.world, "sum"),
-                       gamma=gamma, step_s=time.perf_counter() - t0)
-        metrics["accept_length"] = metrics["kept_tokens"] / max(1, metrics["row_rounds"])
+        for k in ("drafts_reached", "drafts_accepted"):   # ranks and steps may draft different lengths
+            m[k] = (m[k] + [0] * K)[:K]
+        metrics = dict(**all_reduce({k: m[k] for k in ("loss", "reward", "accuracy", "entropy", "rollout_s")},
+                                    run.world), gamma=gamma, step_s=time.perf_counter() - t0,
+                       **all_reduce({k: m[k] for k in ("tokens", "kept_tokens", "row_rounds", "drafts_reached",
+                                                       "drafts_accepted")}, run.world, "sum"))
+        metrics.update(tokens_per_s=metrics["tokens"] / metrics["rollout_s"],
+                       accept_length=metrics["kept_tokens"] / max(1, metrics["row_rounds"]))
         chosen = extra.setdefault("gamma_chosen", {})
         chosen[str(gamma)] = chosen.get(str(gamma), 0) + 1
         extra["recent"] = (extra.get("recent", []) + [metrics])[-10:]
@@ -1460,21 +1456,13 @@ class Lab:
 
     def head(self, loss: str, seed: int = 0) -> GPT:
         """The SFT policy with an MTP layer trained by `loss` (every loss: the same budget, data and seed), kept in
-        out/exp_mtp_{loss}_s{seed}/. The losses of a seed share their CE warm-up, trained once."""
+        out/exp_mtp_{loss}_s{seed}/."""
         if (loss, seed) not in self.heads:
-            tc = replace(self.tc, mtp_loss=loss, seed=self.tc.seed + seed)
-            folder, model = os.path.join(self.out, f"exp_mtp_{loss}_s{seed}"), deepcopy(self.sft)
+            tc, model = replace(self.tc, mtp_loss=loss, seed=self.tc.seed + seed), deepcopy(self.sft)
             torch.manual_seed(1000 + seed)
             model.mtp.load_state_dict(GPT(self.cfg).mtp.state_dict())   # this seed's fresh MTP layer
-            if not os.path.exists(folder):   # the shared CE warm-up first; this loss's run goes on from it
-                with Run(os.path.join(self.out, f"exp_mtp_warmup_s{seed}"), replace(tc, mtp_loss="ce"), self.cfg,
-                         resume=True, stages=("mtp",)) as run:
-                    train_mtp(run, model, self.task, torch.Generator().manual_seed(tc.seed), self.device, self.data,
-                              int(tc.mtp_ce_warmup * tc.mtp_steps))
-                os.makedirs(folder)
-                torch.save({**run.read(run.path("mtp")), "train": asdict(tc)}, os.path.join(folder, "mtp.pt"))
-            with Run(folder, tc, self.cfg, resume=True, stages=("mtp",)) as run:
-                train_mtp(run, model, self.task, torch.Generator().manual_seed(tc.seed), self.device, self.data)
+            with Run(os.path.join(self.out, f"exp_mtp_{loss}_s{seed}"), tc, self.cfg, True, stages=("mtp",)) as r:
+                train_mtp(r, model, self.task, torch.Generator().manual_seed(tc.seed), self.device, self.data)
             self.heads[loss, seed] = model.eval()
         return self.heads[loss, seed]
 
@@ -1485,9 +1473,8 @@ class Lab:
             roll, rows = self.rollouts("e2e_tv", T), {}
             for head in ("ce", "kl", "e2e_tv"):
                 tf = teacher_forced(self.head(head), roll.tokens, roll.mask, 1, T)
-                for k in ("rs", "to", "entropy"):
-                    rows[k if k == "entropy" else f"{k}_{head}"] = [x[v] for x, v in zip(tf[k][..., 0],
-                                                                                         tf["valid"][..., 0])]
+                for k, name in (("rs", f"rs_{head}"), ("to", f"to_{head}"), ("entropy", "entropy")):
+                    rows[name] = [x[v] for x, v in zip(tf[k][..., 0], tf["valid"][..., 0])]
             self.cache["tokens", T] = rows
         return self.cache["tokens", T]
 
@@ -1883,26 +1870,24 @@ def run_benchmark(args) -> list:
 # ---------------------------------------------------------------------------------------------------------------
 # 14. main(): a flag per TrainConfig field, SFT -> MTP training -> GRPO, and the summary.
 
-LOWEST = dict(seed=0, task_seed=0, gamma=0, group_size=2, entropy_coef=-100)   # else 1 for integers, 0 for numbers
-HIGHEST = dict(seed=2**63 - 1, task_seed=2**63 - 1, gamma=GPTConfig.mtp_train_steps, batch_size=2**16, rl_prompts=2**16,
-               group_size=2**16, eval_prompts=2**16, mtp_ce_warmup=1)          # else 10^7 for integers, 10^6
+RANGES = dict(seed=(0, 2**63 - 1), task_seed=(0, 2**63 - 1), gamma=(0, GPTConfig.mtp_train_steps), mtp_ce_warmup=(0, 1),
+              group_size=(2, 2**16), batch_size=(1, 2**16), rl_prompts=(1, 2**16), eval_prompts=(1, 2**16),
+              entropy_coef=(-100, 1e6))   # else 1..10^7 for integers, [0, 10^6] for numbers
 POSITIVE = ("sft_lr", "mtp_lr", "rl_lr", "mtp_online_lr", "clip_eps", "grad_clip", "temperature")   # above 0
 
 def flag_value(name: str, text: str):
     """The value of --name from its text, or an error that says what is allowed."""
-    kind = int if name == "gamma" else type(getattr(TrainConfig, name))
-    low, high = LOWEST.get(name, 1 if kind is int else 0), HIGHEST.get(name, 10**7 if kind is int else 1e6)
-    try:
-        value = kind(text)
-        assert math.isfinite(value) and low <= value <= high and (value > 0 or name not in POSITIVE)
-        return value
-    except (ValueError, AssertionError):
-        if name == "gamma" and text == "auto":
-            return text
-        bracket = "(" if name in POSITIVE else "["
-        allowed = f"an integer in {low}..{high}" if kind is int else f"a finite number in {bracket}{low:g}, {high:g}]"
-        raise argparse.ArgumentTypeError(f"expected {'auto, or ' * (name == 'gamma')}{allowed}"
-                                         f"{' (0: plain rollouts)' * (name == 'gamma')}, got {text!r}") from None
+    kind, gamma = int if name == "gamma" else type(getattr(TrainConfig, name)), name == "gamma"
+    low, high = RANGES.get(name, (1, 10**7) if kind is int else (0, 1e6))
+    with suppress(ValueError):
+        if math.isfinite(value := kind(text)) and low <= value <= high and (value > 0 or name not in POSITIVE):
+            return value
+    if gamma and text == "auto":
+        return text
+    allowed = f"an integer in {low}..{high}" if kind is int else \
+        f"a finite number in {'(' if name in POSITIVE else '['}{low:g}, {high:g}]"
+    allowed = "auto, or " * gamma + allowed + " (0: plain rollouts)" * gamma
+    raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
 
 def parse_args(argv=None):
     """The run's own flags, then a flag per TrainConfig field with the field's comment as help; a field not given is
@@ -1974,12 +1959,9 @@ def summarize(run: Run, task: DigitSumTask, held_out, rl: dict, device) -> dict:
     reward_gain_ci (95%, prompts resampled), accuracy_before / _after, frozen_head (per stage: counted, rs, to, kl),
     acceptance (per depth) and accept_length over the last steps that drafted, entropy, tokens_per_s and
     rollout_speedup at rollout_batch, gamma_chosen_in_rl ({gamma: steps}), wall_seconds (the run's, resumes added)."""
-    tc, n, B, recent = run.tc, len(held_out[0]), run.tc.rl_prompts * run.tc.group_size, rl.get("recent", [])
-    ev = {k: rl.get("evaluations", {}).get(str(step)) for k, step in (("start", 0), ("middle", tc.rl_steps // 2))}
+    tc, n, B, recent = run.tc, len(held_out[0]), run.tc.rl_prompts * run.tc.group_size, rl["recent"]
+    ev = {k: rl["evaluations"][str(step)] for k, step in (("start", 0), ("middle", tc.rl_steps // 2))}
     ev["end"] = evaluate(rl["policy"], rl["start"], task, held_out, tc.temperature, tc.seed)
-    if (ev["start"] or {}).get("prompts") != n:   # e.g. --resume with another --eval-prompts
-        ev["start"] = evaluate(rl["start"], rl["start"], task, held_out, tc.temperature, tc.seed)
-    ev = {k: e for k, e in ev.items() if e and e["prompts"] == n}
     before, after, drafting = ev["start"], ev["end"], [m for m in recent if m["gamma"]]
     gain = [a - b for a, b in zip(after["rewards"], before["rewards"])]
     ci, modes = bootstrap(lambda i: sum(gain[j] for j in i) / n, n), [0, *dict.fromkeys(m for m in (3, tc.gamma) if m)]
