@@ -1991,11 +1991,13 @@ def summarize(run: Run, task: DigitSumTask, held_out, rl: dict, device) -> dict:
                         for g, k in summary["gamma_chosen_in_rl"].items())
     speeds = ", ".join(f"{m if m == 'auto' else f'gamma {m}' if m else 'plain'} {speed[m]['tokens_per_s']:.0f}"
                        for m in modes)
+    per_call = "{:.2f}x [{:.2f}-{:.2f}]".format(*speed[tc.gamma]["ratio_to_plain"])   # noise between calls
     print(f"  held-out reward {verdict}: {sum(gain) / n:+.3f} [95% over prompts {ci[0]:+.3f}, {ci[1]:+.3f}]; the head "
           f"kept {after['counted'] / before['counted']:.1%} of its counted tokens per forward\n"
           f"  the rollouts drafted {drafted}; the last {len(recent)} steps: entropy {summary['entropy']:.3f} nats"
           + f", {summary['accept_length']:.2f} tokens per forward on the {len(drafting)} that drafted" * bool(drafting)
-          + f"\n  rollouts at batch {B}, tokens/s: {speeds} ({tc.gamma}: {summary['rollout_speedup']:.2f}x plain)\n"
+          + f"\n  rollouts at batch {B}, tokens/s: {speeds} ({tc.gamma}: {summary['rollout_speedup']:.2f}x plain; per "
+          f"call {per_call} median [min-max])\n"
           f"  wall time {summary['wall_seconds']:.0f} s; summary in {os.path.join(run.out, 'summary.json')}")
     return summary
 
