@@ -957,13 +957,13 @@ class CudaGraphs:
     it keeps caches, state and a generator at fixed addresses, captures the step on first use and replays it after.
     A call copies its fresh prefill into the state and reseeds the graph's generator from the caller's, which so
     still decides the samples. Weights moved to new storage drop everything (a graph reads fixed addresses). A failed
-    capture warns and decodes that shape eagerly; strict=True raises instead."""
+    capture warns and decodes that shape eagerly."""
 
-    def __init__(self, model: GPT, strict: bool = False, lag: int = 1):
+    def __init__(self, model: GPT, lag: int = 1):
         if not cuda_graphs_supported(model.lm_head.weight.device):
             raise ValueError(f"CUDA graphs need a model on a CUDA device and torch >= 2.5; this model is on "
                              f"{model.lm_head.weight.device}, torch {torch.__version__}")
-        self.model, self.strict, self.lag, self.shapes, self.where = model, strict, lag, {}, None
+        self.model, self.lag, self.shapes, self.where = model, lag, {}, None
 
     def decode(self, B: int, S: int, start, step, generator, max_steps: int) -> DecodeState:
         if (where := [p.data_ptr() for p in self.model.parameters()]) != self.where:
@@ -982,8 +982,6 @@ class CudaGraphs:
             try:
                 replay = capture_cuda_graph(replay, s.tensors() + caches.tensors(), own)
             except RuntimeError as e:
-                if self.strict:
-                    raise
                 warnings.warn(f"CUDA graph capture failed, decoding this shape eagerly ({e})")
             self.shapes[key][3] = replay
         repeat_until_done(replay, s.done, max_steps, self.lag)
@@ -1163,6 +1161,10 @@ def average_gradients(params, world: int):
 class RunError(ValueError):
     """A run that cannot start or go on as asked: main() says why in one line."""
 
+def changed(then: dict, now: dict) -> str:
+    """The settings of `now` that `then` (what a saved result was made with) does not share: "name old -> new, ..."."""
+    return ", ".join(f"{k} {then.get(k)!r} -> {v!r}" for k, v in now.items() if then.get(k) != v)
+
 STAGES = ("sft", "mtp", "grpo")
 STAGE_SETTINGS = {   # what each stage's result depends on, besides the model config and the stages before it
     "sft": ("preset", "seed", "task_seed", "sft_steps", "sft_lr", "batch_size", "grad_clip", "precision"),
@@ -1192,8 +1194,8 @@ class Run:
             keys = [k for s in STAGES[:STAGES.index(found[-1]) + 1] for k in STAGE_SETTINGS[s]]
             then = {**ckpt["model_config"], **{k: ckpt["train"].get(k) for k in keys}, "ranks": ckpt["world_size"]}
             now = {**asdict(cfg), **{k: getattr(tc, k) for k in keys}, "ranks": world}
-            if differ := [f"{k} {then.get(k)!r} -> {v!r}" for k, v in now.items() if then.get(k) != v]:
-                raise RunError(f"{self.path(found[-1])} was made with other settings ({', '.join(differ)}); resume "
+            if differ := changed(then, now):
+                raise RunError(f"{self.path(found[-1])} was made with other settings ({differ}); resume "
                                f"with the same flags, or start afresh with --overwrite or another --out")
             self.t0 -= ckpt["wall_seconds"]
         for stage in found if overwrite and rank == 0 else ():
@@ -1435,6 +1437,7 @@ class Lab:
         tc, self.task, self.cfg, self.device, _, _ = configure(args)
         torch.manual_seed(tc.seed)
         self.sft, self.out, self.heads, self.cache, self.columns = GPT(self.cfg).to(self.device), args.out, {}, {}, None
+        self.overwrite = args.overwrite   # redo the heads and RL runs cached in --out
         with Run(args.out, tc, self.cfg, resume=True, stages=("sft",)) as run:
             train_sft(run, self.sft, self.task, torch.Generator().manual_seed(tc.seed), self.device)
         # Heads train on half the default run's batch; RL runs take 2/5 of its steps and half its prompts: the budget.
@@ -1461,7 +1464,8 @@ class Lab:
             tc, model = replace(self.tc, mtp_loss=loss, seed=self.tc.seed + seed), deepcopy(self.sft)
             torch.manual_seed(1000 + seed)
             model.mtp.load_state_dict(GPT(self.cfg).mtp.state_dict())   # this seed's fresh MTP layer
-            with Run(os.path.join(self.out, f"exp_mtp_{loss}_s{seed}"), tc, self.cfg, True, stages=("mtp",)) as r:
+            with Run(f"{self.out}/exp_mtp_{loss}_s{seed}", tc, self.cfg, not self.overwrite, self.overwrite,
+                     stages=("mtp",)) as r:
                 train_mtp(r, model, self.task, torch.Generator().manual_seed(tc.seed), self.device, self.data)
             self.heads[loss, seed] = model.eval()
         return self.heads[loss, seed]
@@ -1543,10 +1547,13 @@ def rl_run(lab: Lab, name: str, seed: int) -> dict:
     they decode plainly (the cheapest here), and per step each head's expected acceptance is teacher-forced on an
     eighth of them and on 32 fixed contexts, with the policy's entropy there and KL(pi_t || pi_0) on the contexts;
     the held-out evaluation (evaluate) at both ends. Cached in out/exp_rl_{name}_s{seed}.json."""
-    if os.path.exists(path := os.path.join(lab.out, f"exp_rl_{name}_s{seed}.json")):
-        return json.load(open(path))
     lr, coef, online, _ = RL_RUNS[name]
-    tc, model = replace(lab.tc, rl_lr=lr, entropy_coef=coef, mtp_online=online), deepcopy(lab.head("e2e_tv"))
+    tc, path = replace(lab.tc, rl_lr=lr, entropy_coef=coef, mtp_online=online), f"{lab.out}/exp_rl_{name}_s{seed}.json"
+    if os.path.exists(path) and not lab.overwrite:
+        if differ := changed((cached := json.load(open(path))).get("train", {}), asdict(tc)):
+            raise RunError(f"{path} was made with other settings ({differ}); use the same flags, or --overwrite")
+        return cached
+    model = deepcopy(lab.head("e2e_tv"))
     start, scratch = deepcopy(model), deepcopy(model)
     heads = {h: lab.head(h).mtp.state_dict() for h in ("ce", "kl", "e2e_tv")}
     opt, mtp_opt = adamw(backbone_parameters(model), lr), adamw(model.mtp.parameters(), tc.mtp_online_lr)
@@ -1564,7 +1571,7 @@ def rl_run(lab: Lab, name: str, seed: int) -> dict:
         steps.append(dict(reward=m["reward"], entropy=m["entropy"], rollouts=rollouts, fixed=fixed,
                           fixed_entropy=fixed_entropy, kl_to_start=kl_per_token(scratch, start, tokens, mask)))
     lab.start = lab.start or evaluate(start, start, lab.task, lab.held)
-    result = dict(name=name, seed=seed, lr=lr, online=online, steps=steps, start=lab.start,
+    result = dict(name=name, seed=seed, lr=lr, online=online, train=asdict(tc), steps=steps, start=lab.start,
                   end=evaluate(model, start, lab.task, lab.held))
     json.dump(result, open(path, "w"))
     return result
@@ -1897,7 +1904,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     ap.add_argument("--out", default="out", help="folder of checkpoints, log.jsonl, summary.json (default: out)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out (same flags)")
-    ap.add_argument("--overwrite", action="store_true", help="start afresh where --out holds another run's checkpoints")
+    ap.add_argument("--overwrite", action="store_true", help="start afresh where --out holds another run's checkpoints "
+                    "(with --experiment: redo its heads and RL runs, keeping the SFT policy)")
     ap.add_argument("--bench", action="store_true", help="time speculative against plain decoding (out/bench.json)")
     ap.add_argument("--experiment", choices=EXPERIMENTS + ("all",), help="the paper's findings (out/experiments.json)")
     comments = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(TrainConfig), re.M))

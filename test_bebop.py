@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import types
 import warnings
 
 import pytest
@@ -21,6 +22,7 @@ import bebop
 
 P_MIN, P_BROKEN = 1e-4, 1e-8   # a correct sampler passes every chi-square test at P_MIN; a broken one fails at P_BROKEN
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.filterwarnings("error:CUDA graph capture failed")   # a graphed test never decodes eagerly
 # Where decoding runs: eagerly; through CudaGraphs with a stand-in for the capture (any machine); real graphs (GPU).
 WHERE = ["eager", "stand_in", pytest.param("cuda", marks=needs_cuda)]
 RAGGED = [torch.tensor([1, 2, 3]), torch.tensor([4]), torch.tensor([5, 6, 7, 0, 2]), torch.tensor([3, 3])]
@@ -98,14 +100,14 @@ def stand_in_graphs(monkeypatch, replay_of=lambda step: step):
 
 
 def decoding_on(where, model, monkeypatch):
-    """(model, graphs) for decoding eagerly, through the stand-in, or with real CUDA graphs (strict: a capture
-    failure fails the test)."""
+    """(model, graphs) for decoding eagerly, through the stand-in, or with real CUDA graphs (a capture failure fails
+    the test: see pytestmark)."""
     if where == "stand_in":
         stand_in_graphs(monkeypatch)
-        return model, bebop.CudaGraphs(model, strict=True)
+        return model, bebop.CudaGraphs(model)
     if where == "cuda":
         model = copy.deepcopy(model).cuda()
-        return model, bebop.CudaGraphs(model, strict=True)
+        return model, bebop.CudaGraphs(model)
     return model, None
 
 
@@ -870,7 +872,7 @@ def hazards_of_graphed_steps(monkeypatch, decode):
 def test_a_decoding_step_never_waits_on_the_host(drafted_model, monkeypatch, fn, kw):
     """What makes a step capturable, op by op on a CPU: no read back to the host, no data-dependent shape or branch,
     every random number from the step's own generator. Also each gamma's round, and the rounds round_costs times."""
-    decode = lambda: fn(drafted_model, RAGGED, 20, graphs=bebop.CudaGraphs(drafted_model, strict=True),
+    decode = lambda: fn(drafted_model, RAGGED, 20, graphs=bebop.CudaGraphs(drafted_model),
                         generator=torch.Generator().manual_seed(0), **kw)
     assert hazards_of_graphed_steps(monkeypatch, decode) == []
     assert hazards_of_graphed_steps(monkeypatch, lambda: bebop.round_costs(drafted_model, 3, 3, 12, 5, True)) == []
@@ -891,7 +893,7 @@ def test_the_host_wait_check_can_fail(drafted_model, monkeypatch, plant, expecte
 def test_cuda_graphs_capture_once_per_shape_follow_the_weights_and_fall_back(drafted_model, monkeypatch):
     captures = stand_in_graphs(monkeypatch)
     model = copy.deepcopy(drafted_model)
-    graphs, prompts = bebop.CudaGraphs(model, strict=True), lambda B: torch.tensor([[1, 2, 3]]).expand(B, -1)
+    graphs, prompts = bebop.CudaGraphs(model), lambda B: torch.tensor([[1, 2, 3]]).expand(B, -1)
     for B in (1, 2, 1, 2):
         bebop.speculative_generate(model, prompts(B), 10, graphs=graphs)
     assert len(captures) == 2
@@ -913,8 +915,8 @@ def test_cuda_graphs_capture_once_per_shape_follow_the_weights_and_fall_back(dra
         warnings.simplefilter("error")   # no second capture, so no second warning
         again = bebop.speculative_generate(model, RAGGED, 20, temperature=0, graphs=graphs)
     assert torch.equal(first.new_tokens, eager.new_tokens) and torch.equal(again.new_tokens, eager.new_tokens)
-    with pytest.raises(RuntimeError, match="stream is capturing"):
-        bebop.generate(model, RAGGED, 20, graphs=bebop.CudaGraphs(model, strict=True))
+    with pytest.raises(UserWarning, match="stream is capturing"):   # pytestmark: the warning is an error here
+        bebop.generate(model, RAGGED, 20, graphs=bebop.CudaGraphs(model))
     monkeypatch.undo()
     with pytest.raises(ValueError, match="need a model on a CUDA device"):
         bebop.CudaGraphs(drafted_model)
@@ -1178,6 +1180,19 @@ def test_runs_never_take_another_runs_checkpoints_unless_told(finished_run, tmp_
     bebop.main(TINY_RUN + ["--out", str(out), "--overwrite", "--seed", "5"])
     assert torch.load(out / "grpo.pt", weights_only=False)["train"]["seed"] == 5
     assert sum(json.loads(line)["stage"] == "sft" for line in open(out / "log.jsonl")) == 20
+
+
+def test_an_experiment_reuses_a_cached_rl_run_only_if_made_with_the_same_settings(tmp_path):
+    lab = types.SimpleNamespace(out=str(tmp_path), tc=bebop.TrainConfig(gamma=3), overwrite=False)
+    lr, coef, online, _ = bebop.RL_RUNS["fast"]
+    train = bebop.asdict(bebop.replace(lab.tc, rl_lr=lr, entropy_coef=coef, mtp_online=online))
+    path = tmp_path / "exp_rl_fast_s1.json"
+    path.write_text(json.dumps(dict(train=train, steps="cached")))
+    assert bebop.rl_run(lab, "fast", 1)["steps"] == "cached"
+    path.write_text(json.dumps(dict(train={**train, "rl_steps": 7}, steps="cached")))
+    with pytest.raises(bebop.RunError, match=r"rl_steps 7 -> 200\); use the same flags, or --overwrite"):
+        bebop.rl_run(lab, "fast", 1)
+    assert json.loads(path.read_text())["train"]["rl_steps"] == 7   # refused, left alone
 
 
 def test_a_resumed_finished_run_reevaluates_and_keeps_its_wall_time(finished_run, tmp_path, capsys):
