@@ -1178,7 +1178,7 @@ class Run:
     another run's checkpoints only when told to overwrite them."""
 
     def __init__(self, out, tc: TrainConfig, cfg: GPTConfig, resume=False, overwrite=False, rank=0, world=1,
-                 stages=STAGES):
+                 stages=STAGES, afresh="start afresh with --overwrite or another --out"):
         self.out, self.tc, self.cfg, self.resume, self.rank, self.world = out, tc, cfg, resume, rank, world
         self.stages, self.t0, self.interrupted, self.log = stages, time.time(), False, os.path.join(out, "log.jsonl")
         try:
@@ -1196,7 +1196,7 @@ class Run:
             now = {**asdict(cfg), **{k: getattr(tc, k) for k in keys}, "ranks": world}
             if differ := changed(then, now):
                 raise RunError(f"{self.path(found[-1])} was made with other settings ({differ}); resume "
-                               f"with the same flags, or start afresh with --overwrite or another --out")
+                               f"with the same flags, or {afresh}")
             self.t0 -= ckpt["wall_seconds"]
         for stage in found if overwrite and rank == 0 else ():
             os.remove(self.path(stage))
@@ -1438,7 +1438,8 @@ class Lab:
         torch.manual_seed(tc.seed)
         self.sft, self.out, self.heads, self.cache, self.columns = GPT(self.cfg).to(self.device), args.out, {}, {}, None
         self.overwrite = args.overwrite   # redo the heads and RL runs cached in --out
-        with Run(args.out, tc, self.cfg, resume=True, stages=("sft",)) as run:
+        with Run(args.out, tc, self.cfg, True, stages=("sft",), afresh="use another --out: experiments start from its "
+                 "sft.pt") as run:
             train_sft(run, self.sft, self.task, torch.Generator().manual_seed(tc.seed), self.device)
         # Heads train on half the default run's batch; RL runs take 2/5 of its steps and half its prompts: the budget.
         self.tc = replace(tc, gamma=3, batch_size=max(1, tc.batch_size // 2), rl_prompts=max(1, tc.rl_prompts // 2),
@@ -1835,7 +1836,8 @@ def run_benchmark(args) -> list:
     tc, task, cfg, device, _, _ = configure(args)
     torch.manual_seed(tc.seed)
     model, cuda, rows = GPT(cfg).to(device), device.startswith("cuda"), []
-    with Run(args.out, tc, cfg, resume=True, stages=("sft", "mtp")) as run:
+    with Run(args.out, tc, cfg, True, stages=("sft", "mtp"), afresh="use another --out: the bench times the run "
+             "in it") as run:
         train_sft(run, model, task, gen := torch.Generator().manual_seed(tc.seed), device)
         train_mtp(run, model, task, gen, device)
     policy, held = rollout_weights(model.eval(), tc.precision), held_out_prompts(task, 512, tc.task_seed, device)[0]
@@ -1919,7 +1921,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     for bad, why in ((args.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA on this host"),
                      (args.resume and args.overwrite, "--resume continues the run in --out, --overwrite replaces it"),
-                     (args.bench and args.experiment, "--bench and --experiment are separate jobs")):
+                     (args.bench and args.experiment, "--bench and --experiment are separate jobs"),
+                     (args.bench and args.overwrite, "--bench times the run in --out, --overwrite replaces it")):
         if bad:
             ap.error(why + ": choose one" * ("--" in why[2:]))
     return args

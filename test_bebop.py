@@ -1173,6 +1173,10 @@ def test_runs_never_take_another_runs_checkpoints_unless_told(finished_run, tmp_
                                  "--preset", "cpu"])
     for change in ("seed 1337 -> 9", "mtp_loss 'e2e_tv' -> 'ce'", "rl_steps 6 -> 9", "n_layer 2 -> 6", "--overwrite"):
         assert change in differ, (change, differ)   # every difference, of every stage, in the one line
+    differ = refusal(TINY_RUN + ["--out", str(out), "--experiment", "losses", "--overwrite", "--seed", "9"])
+    assert "sft.pt was made with other settings (seed 1337 -> 9)" in differ and "another --out" in differ, differ
+    differ = refusal(TINY_RUN + ["--out", str(out), "--bench", "--seed", "9"])   # the bench never overwrites either
+    assert "mtp.pt was made with other settings (seed 1337 -> 9)" in differ and "another --out" in differ, differ
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     (tmp_path / "file").write_text("x")
     for path in (tmp_path / "file", tmp_path / "file" / "inside"):
@@ -1290,7 +1294,8 @@ def test_memory_lean_tv_peak_is_at_most_half_of_plain_autograd():
     (["--seed", "-1"], "argument --seed: expected an integer in 0..9223372036854775807"),
     (["--mtp-loss", "mse"], "argument --mtp-loss: invalid choice: 'mse'"), (["--preset", "huge"], "invalid choice"),
     (["--rl-step", "5"], "unrecognized arguments: --rl-step 5"), (["--resume", "--overwrite"], "choose one"),
-    (["--bench", "--experiment", "all"], "--bench and --experiment are separate jobs")])
+    (["--bench", "--experiment", "all"], "--bench and --experiment are separate jobs"),
+    (["--bench", "--overwrite"], "--bench times the run in --out, --overwrite replaces it: choose one")])
 def test_bad_flags_get_one_clear_line(capsys, argv, message):
     with pytest.raises(SystemExit):
         bebop.parse_args(argv)
