@@ -1215,6 +1215,8 @@ class Run:
     def on_sigint(self, *_):
         self.interrupted = True
         signal.signal(signal.SIGINT, self.previous)   # a second Ctrl-C stops at once
+        if self.rank == 0:
+            tqdm.write("Ctrl-C: saving after the step in flight, then stopping (Ctrl-C again: at once)", sys.stderr)
 
     def path(self, stage: str) -> str:
         return os.path.join(self.out, f"{stage}.pt")
@@ -1922,7 +1924,9 @@ def parse_args(argv=None):
     for bad, why in ((args.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA on this host"),
                      (args.resume and args.overwrite, "--resume continues the run in --out, --overwrite replaces it"),
                      (args.bench and args.experiment, "--bench and --experiment are separate jobs"),
-                     (args.bench and args.overwrite, "--bench times the run in --out, --overwrite replaces it")):
+                     (args.bench and args.overwrite, "--bench times the run in --out, --overwrite replaces it"),
+                     ((args.bench or args.experiment) and "RANK" in os.environ,
+                      ("--bench" if args.bench else "--experiment") + " runs in one process, not under torchrun")):
         if bad:
             ap.error(why + ": choose one" * ("--" in why[2:]))
     return args

@@ -1115,7 +1115,9 @@ def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tmp_path, monk
     monkeypatch.undo()
     stage = {"sft_loss": "sft", "mtp_training_loss": "mtp", "grpo_loss": "grpo"}[where]
     assert torch.load(tmp_path / "b" / f"{stage}.pt", weights_only=False)["step"] == 3
-    assert f" 3/{dict(sft=20, mtp=8, grpo=6)[stage]} " in capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    err = capsys.readouterr().err
+    assert f" 3/{dict(sft=20, mtp=8, grpo=6)[stage]} " in err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "Ctrl-C: saving after the step in flight" in err
     resumed, summary = bebop.train(bebop.parse_args(TINY_RUN + flags + ["--out", str(tmp_path / "b"), "--resume"]))
     assert states_equal(full.state_dict(), resumed.state_dict())
     keys = ("reward", "entropy", "kept_tokens", "row_rounds", "drafts_reached", "drafts_accepted")
@@ -1302,6 +1304,14 @@ def test_bad_flags_get_one_clear_line(capsys, argv, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert "at most 65536" in refusal(["--preset", "tiny", "--rl-prompts", "65536", "--group-size", "4", "--out", "/tmp/x"])
+
+
+def test_the_bench_and_the_experiments_refuse_torchrun(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")   # as torchrun sets it: every rank would redo the same work in the same files
+    for argv in (["--bench"], ["--experiment", "rl"]):
+        with pytest.raises(SystemExit):
+            bebop.parse_args(argv)
+        assert f"{argv[0]} runs in one process, not under torchrun" in capsys.readouterr().err
 
 
 def test_flags_come_from_train_config_with_their_comments_as_help(capsys):
