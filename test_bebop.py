@@ -1193,7 +1193,7 @@ def test_an_experiment_reuses_a_cached_rl_run_only_if_made_with_the_same_setting
     lr, coef, online, _ = bebop.RL_RUNS["fast"]
     train = bebop.asdict(bebop.replace(lab.tc, rl_lr=lr, entropy_coef=coef, mtp_online=online))
     path = tmp_path / "exp_rl_fast_s1.json"
-    path.write_text(json.dumps(dict(train=train, steps="cached")))
+    path.write_text(json.dumps(dict(train={**train, "ckpt_every": 7}, steps="cached")))   # changes no result
     assert bebop.rl_run(lab, "fast", 1)["steps"] == "cached"
     path.write_text(json.dumps(dict(train={**train, "rl_steps": 7}, steps="cached")))
     with pytest.raises(bebop.RunError, match=r"rl_steps 7 -> 200\); use the same flags, or --overwrite"):
