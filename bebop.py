@@ -1110,8 +1110,9 @@ def bootstrap(stat, n: int, block: int = 1, draws: int = 1000) -> tuple:
     """95% interval of stat(indices) over resamples of n units: independent ones, or with block > 1 consecutive units
     of a series whose neighbours are not independent (a moving-block bootstrap)."""
     starts = torch.randint(0, n - block + 1, (draws, -(-n // block)), generator=torch.Generator().manual_seed(0))
-    values = torch.tensor([stat(i) for i in (starts[..., None] + torch.arange(block)).flatten(1)[:, :n].tolist()])
-    return tuple(torch.quantile(values.double(), torch.tensor([0.025, 0.975]).double()).tolist())
+    values = torch.tensor([stat(i) for i in (starts[..., None] + torch.arange(block)).flatten(1)[:, :n].tolist()],
+                          dtype=torch.float64)
+    return tuple(torch.quantile(values, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist())
 
 def mean_ci(values) -> tuple:
     """(mean, 95% t interval) of a few independent values (seeds)."""

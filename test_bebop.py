@@ -915,7 +915,8 @@ def test_cuda_graphs_capture_once_per_shape_follow_the_weights_and_fall_back(dra
         warnings.simplefilter("error")   # no second capture, so no second warning
         again = bebop.speculative_generate(model, RAGGED, 20, temperature=0, graphs=graphs)
     assert torch.equal(first.new_tokens, eager.new_tokens) and torch.equal(again.new_tokens, eager.new_tokens)
-    with pytest.raises(UserWarning, match="stream is capturing"):   # pytestmark: the warning is an error here
+    with warnings.catch_warnings(), pytest.raises(UserWarning, match="stream is capturing"):
+        warnings.simplefilter("error")   # as pytestmark makes it for every graphed test: a failed capture fails it
         bebop.generate(model, RAGGED, 20, graphs=bebop.CudaGraphs(model))
     monkeypatch.undo()
     with pytest.raises(ValueError, match="need a model on a CUDA device"):
@@ -1032,6 +1033,7 @@ def test_intervals_resample_the_independent_unit():
     x = torch.cumsum(torch.randn(200, generator=g, dtype=torch.float64), 0).tolist()
     wide, narrow = bebop.bootstrap(lambda i: sum(x[j] for j in i) / len(i), 200, 20), bebop.bootstrap(lambda i: sum(x[j] for j in i) / len(i), 200)
     assert wide[1] - wide[0] > 2 * (narrow[1] - narrow[0])   # moving blocks see the drift that single steps hide
+    assert bebop.bootstrap(lambda i: 0.1 + len(i), 5) == (5.1, 5.1)   # in float64: no digits lost to float32
 
 
 def test_decompose_finds_b_when_drift_starts_inside_the_early_phase():
@@ -1186,6 +1188,31 @@ def test_runs_never_take_another_runs_checkpoints_unless_told(finished_run, tmp_
     bebop.main(TINY_RUN + ["--out", str(out), "--overwrite", "--seed", "5"])
     assert torch.load(out / "grpo.pt", weights_only=False)["train"]["seed"] == 5
     assert sum(json.loads(line)["stage"] == "sft" for line in open(out / "log.jsonl")) == 20
+
+
+def test_every_experiment_runs_end_to_end_and_a_second_sweep_reuses_its_heads_and_rl_runs(tmp_path, monkeypatch):
+    """The findings' code on a toy budget (two seeds, three temperatures, RL runs of 4 steps): experiments.json holds
+    every experiment, every number in it is finite, tokens per forward at gamma 3 lie in [1, 4], shares in [0, 1];
+    a second sweep trains nothing, rolls out no GRPO step, and finds the same."""
+    monkeypatch.setattr(bebop, "SEEDS", (0, 1))
+    monkeypatch.setattr(bebop, "TEMPERATURES", (0.7, 1.0, 1.3))
+    argv = TINY_RUN + ["--rl-steps", "10", "--experiment", "all", "--out", str(tmp_path)]
+    first = json.loads(json.dumps(bebop.main(argv)))
+    assert list(first) == list(bebop.EXPERIMENTS) == list(json.load(open(tmp_path / "experiments.json")))
+    numbers = [x for x in torch.utils._pytree.tree_leaves(first) if isinstance(x, float)]
+    assert len(numbers) > 1000 and all(math.isfinite(x) for x in numbers)
+    for loss in bebop.MTP_LOSSES:
+        r = first["losses"][loss]
+        assert all(1 <= r[k][0] <= 4 for k in ("rs_expected", "rs_counted", "to_expected", "to_counted")), (loss, r)
+    assert all(1 <= x <= 4 for r in first["temperature"].values() for x in r["accept_length"])
+    assert all(0 <= r["rs_wins_tokens"] <= 1 for r in first["boundary"].values())
+    assert len(first["rl"]["runs"]) == 8 and all(len(r["steps"]) == 4 for r in first["rl"]["runs"].values())
+    for name in ("mtp_training_loss", "grpo_step"):
+        monkeypatch.setattr(bebop, name, lambda *a, **k: pytest.fail("a cached head or RL run was made again"))
+    again = torch.utils._pytree.tree_leaves(json.loads(json.dumps(bebop.main(argv))))
+    assert [x for x in again if not isinstance(x, float)] == [x for x in torch.utils._pytree.tree_leaves(first)
+                                                              if not isinstance(x, float)]
+    assert [x for x in again if isinstance(x, float)] == pytest.approx(numbers, rel=1e-9)   # threads sum in any order
 
 
 def test_an_experiment_reuses_a_cached_rl_run_only_if_made_with_the_same_settings(tmp_path):
