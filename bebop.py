@@ -1515,10 +1515,11 @@ def experiment_losses(lab: Lab) -> dict:
     paired = lambda r, k: mean_ci([a[k] - b[k] for a, b in zip(result["e2e_tv"]["seeds"], r["seeds"])])
     result["e2e_tv_minus"] = {name: {k: paired(r, k) for k in keys} for name, r in result.items() if name != "e2e_tv"}
     minus = lambda loss, k: ci_text(*result["e2e_tv_minus"][loss][k]) if loss != "e2e_tv" else ""
+    alphas = lambda r: "/".join(f"{sum(a) / len(a):.3f}" for a in zip(*[s["rs_alphas"] for s in r["seeds"]]))   # per depth
     table(f"losses (paper Table 2: RS e2e_tv > tv > rkl >= kl = ce; TO < 0.3 points apart): tokens per forward at "
           f"gamma 3, mean of {len(SEEDS)} seeds, and e2e_tv minus each loss, paired by seed [95%]", [dict(
-              loss=loss, rs_alphas="/".join(f"{sum(a) / 3:.3f}" for a in zip(*[s["rs_alphas"] for s in r["seeds"]])),
-              **{k: r[k][0] for k in keys}, **{f"minus_{k}": minus(loss, k) for k in keys[:2]})
+              loss=loss, rs_alphas=alphas(r), **{k: r[k][0] for k in keys},
+              **{f"minus_{k}": minus(loss, k) for k in keys[:2]})
               for loss, r in list(result.items())[:-1]])
     return result
 
