@@ -1406,6 +1406,7 @@ def train_grpo(run: Run, model: GPT, task: DigitSumTask, gen_data, gen_roll, dev
         after_step(run, "grpo", step, tc.rl_steps, bar, metrics, f"reward {metrics['reward']:.3f} H "
                    f"{metrics['entropy']:.2f} gamma {gamma} len {metrics['accept_length']:.2f}", model,
                    [opt] + mtp_opt, [gen_data, gen_roll], extra)
+    refresh_rollout_weights(policy, model)   # the summary evaluates the policy after its last update
     return dict(extra, start=start, policy=policy, graphs=graphs)
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1253,12 +1253,16 @@ def test_bf16_rollout_weights_track_the_trainer_and_a_bf16_run_trains(drafted_mo
     assert all(torch.equal(q, p.to(torch.bfloat16)) for q, p in zip(policy.parameters(), model.parameters()))
     out, ref = (bebop.speculative_generate(m, RAGGED, 20, temperature=0) for m in (policy, model))
     assert out.logprobs.dtype == torch.float32 and (out.new_tokens == ref.new_tokens).float().mean() > 0.8
-    used, real = [], bebop.grpo_step
+    used, evaluated, real, real_evaluate = [], [], bebop.grpo_step, bebop.evaluate
     monkeypatch.setattr(bebop, "grpo_step", lambda model, policy, *a, **k: (
         used.append([p.detach().clone() for p in policy.parameters()]), real(model, policy, *a, **k))[1])
-    _, summary = bebop.train(bebop.parse_args(TINY_RUN + ["--precision", "bf16", "--out", str(tmp_path)]))
+    monkeypatch.setattr(bebop, "evaluate", lambda policy, *a, **k: (
+        evaluated.append([p.detach().clone() for p in policy.parameters()]), real_evaluate(policy, *a, **k))[1])
+    trained, summary = bebop.train(bebop.parse_args(TINY_RUN + ["--precision", "bf16", "--out", str(tmp_path)]))
     assert all(p.dtype == torch.bfloat16 for p in used[0])
     assert not all(torch.equal(a, b) for a, b in zip(used[0], used[-1])), "rollouts never saw the updated policy"
+    assert all(torch.equal(q, p.detach().to(torch.bfloat16)) for q, p in zip(evaluated[-1], trained.parameters())), \
+        "the summary evaluated the policy as it was before its last update"
     sft = [e["loss"] for e in map(json.loads, open(tmp_path / "log.jsonl")) if e["stage"] == "sft"]
     assert sft[-1] < sft[0] - 0.3 and summary["accept_length"] > 1.5 and math.isfinite(summary["reward_after"])
 
