@@ -1516,7 +1516,7 @@ def experiment_losses(lab: Lab) -> dict:
     paired = lambda r, k: mean_ci([a[k] - b[k] for a, b in zip(result["e2e_tv"]["seeds"], r["seeds"])])
     result["e2e_tv_minus"] = {name: {k: paired(r, k) for k in keys} for name, r in result.items() if name != "e2e_tv"}
     minus = lambda loss, k: ci_text(*result["e2e_tv_minus"][loss][k]) if loss != "e2e_tv" else ""
-    alphas = lambda r: "/".join(f"{sum(a) / len(a):.3f}" for a in zip(*[s["rs_alphas"] for s in r["seeds"]]))   # per depth
+    alphas = lambda r: "/".join(f"{sum(a) / len(a):.3f}" for a in zip(*[s["rs_alphas"] for s in r["seeds"]]))
     table(f"losses (paper Table 2: RS e2e_tv > tv > rkl >= kl = ce; TO < 0.3 points apart): tokens per forward at "
           f"gamma 3, mean of {len(SEEDS)} seeds, and e2e_tv minus each loss, paired by seed [95%]", [dict(
               loss=loss, rs_alphas=alphas(r), **{k: r[k][0] for k in keys},
@@ -1772,20 +1772,23 @@ def time_rollouts(model: GPT, prompts, B: int, max_new_tokens: int, modes, secon
 
 def time_grpo_steps(model: GPT, task: DigitSumTask, tc: TrainConfig, device, kinds: dict, steps: int) -> dict:
     """Seconds of a GRPO step (grpo_step: rollouts and update) per kind of rollout ({name: gamma or "auto"}), the kinds
-    alternated step by step, each on its own copy of the model and optimizer, on the same prompts and seeds. Per kind:
-    seconds (mean), ratio_to_plain (spread over steps of the first kind's time over this one's), gammas."""
+    alternated step by step, each on its own copy of the model, optimizer and rollout weights (as train_grpo keeps
+    them), on the same prompts and seeds. Per kind: seconds (mean), ratio_to_plain (spread over steps of the first
+    kind's time over this one's), gammas."""
     graphs = tc.cuda_graphs and cuda_graphs_supported(device)
-    runs = {k: dict(model=(m := deepcopy(model)), opt=adamw(backbone_parameters(m), tc.rl_lr), graphs=CudaGraphs(m)
-                    if graphs else None, chooser=GammaChooser(model.config.mtp_train_steps)) for k in kinds}
+    runs = {k: dict(model=(m := deepcopy(model)), opt=adamw(backbone_parameters(m), tc.rl_lr),
+                    policy=(p := rollout_weights(m, tc.precision)), graphs=CudaGraphs(p) if graphs else None,
+                    chooser=GammaChooser(model.config.mtp_train_steps)) for k in kinds}
     data = torch.Generator().manual_seed(0)
     prompts = [tuple(x.repeat_interleave(tc.group_size, 0).to(device) for x in task.prompts(tc.rl_prompts, data))
                for _ in range(steps + 1)]
 
     def one(kind, step):
         r, gamma = runs[kind], kinds[kind]
-        g = gamma if gamma != "auto" else r["chooser"](r["model"], len(prompts[0][0]), PROMPT_LEN, task.max_new_tokens,
+        refresh_rollout_weights(r["policy"], r["model"])
+        g = gamma if gamma != "auto" else r["chooser"](r["policy"], len(prompts[0][0]), PROMPT_LEN, task.max_new_tokens,
                                                        r["graphs"])
-        roll, _ = grpo_step(r["model"], r["model"], r["opt"], task, tc, prompts[step % len(prompts)],
+        roll, _ = grpo_step(r["model"], r["policy"], r["opt"], task, tc, prompts[step % len(prompts)],
                             torch.Generator(device).manual_seed(step), g, graphs=r["graphs"])
         if gamma == "auto" and g:
             r["chooser"].observe(roll.stats)
