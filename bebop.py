@@ -1557,7 +1557,8 @@ def rl_run(lab: Lab, name: str, seed: int) -> dict:
     tc, path = replace(lab.tc, rl_lr=lr, entropy_coef=coef, mtp_online=online), f"{lab.out}/exp_rl_{name}_s{seed}.json"
     if os.path.exists(path) and not lab.overwrite:
         now = {k: getattr(tc, k) for s in STAGES for k in STAGE_SETTINGS[s]}   # what the run's result depends on
-        if differ := changed((cached := json.load(open(path))).get("train", {}), now):
+        cached = json.load(open(path))
+        if differ := changed(cached["train"], now) if "train" in cached else "it records none":
             raise RunError(f"{path} was made with other settings ({differ}); use the same flags, or --overwrite")
         return cached
     model = deepcopy(lab.head("e2e_tv"))

@@ -1226,6 +1226,9 @@ def test_an_experiment_reuses_a_cached_rl_run_only_if_made_with_the_same_setting
     with pytest.raises(bebop.RunError, match=r"rl_steps 7 -> 200\); use the same flags, or --overwrite"):
         bebop.rl_run(lab, "fast", 1)
     assert json.loads(path.read_text())["train"]["rl_steps"] == 7   # refused, left alone
+    path.write_text(json.dumps(dict(steps="cached")))
+    with pytest.raises(bebop.RunError, match=r"other settings \(it records none\)"):
+        bebop.rl_run(lab, "fast", 1)
 
 
 def test_a_resumed_finished_run_reevaluates_and_keeps_its_wall_time(finished_run, tmp_path, capsys):
