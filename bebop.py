@@ -1448,7 +1448,7 @@ class Lab:
         # Heads train on half the default run's batch; RL runs take 2/5 of its steps and half its prompts: the budget.
         self.tc = replace(tc, gamma=3, batch_size=max(1, tc.batch_size // 2), rl_prompts=max(1, tc.rl_prompts // 2),
                           rl_steps=max(2, tc.rl_steps * 2 // 5))
-        self.held = held_out_prompts(self.task, tc.eval_prompts // 2, tc.task_seed, self.device)
+        self.held = held_out_prompts(self.task, max(1, tc.eval_prompts // 2), tc.task_seed, self.device)
         ctx = generate(self.sft.eval(), self.held[0], self.task.max_new_tokens, eos=EOS,
                        generator=torch.Generator(self.device).manual_seed(tc.seed + 7))
         self.contexts, self.start = (ctx.tokens, ctx.mask), None

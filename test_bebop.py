@@ -1191,13 +1191,13 @@ def test_runs_never_take_another_runs_checkpoints_unless_told(finished_run, tmp_
 
 
 def test_every_experiment_runs_end_to_end_and_a_second_sweep_reuses_its_heads_and_rl_runs(tmp_path, monkeypatch):
-    """The findings' code on a toy budget (two seeds, three temperatures, RL runs of 4 steps): experiments.json holds
-    every experiment, every number in it is finite, tokens per forward at gamma 3 lie in [1, 4], shares in [0, 1];
-    a second sweep trains nothing, rolls out no GRPO step, and finds the same."""
+    """The findings' code on a toy budget (two seeds, three temperatures, RL runs of 4 steps, one held-out prompt):
+    experiments.json holds every experiment, every number in it is finite, tokens per forward at gamma 3 lie in
+    [1, 4], shares in [0, 1]; a second sweep trains nothing, rolls out no GRPO step, and finds the same."""
     monkeypatch.setattr(bebop, "SEEDS", (0, 1))
     monkeypatch.setattr(bebop, "TEMPERATURES", (0.7, 1.0, 1.3))
-    argv = TINY_RUN + ["--rl-steps", "10", "--experiment", "all", "--out", str(tmp_path)]
-    first = json.loads(json.dumps(bebop.main(argv)))
+    argv = TINY_RUN + ["--rl-steps", "10", "--eval-prompts", "1", "--experiment", "all", "--out", str(tmp_path)]
+    first = json.loads(json.dumps(bebop.main(argv)))   # one held-out prompt, the fewest: eval_prompts // 2 is 0
     assert list(first) == list(bebop.EXPERIMENTS) == list(json.load(open(tmp_path / "experiments.json")))
     numbers = [x for x in torch.utils._pytree.tree_leaves(first) if isinstance(x, float)]
     assert len(numbers) > 1000 and all(math.isfinite(x) for x in numbers)
