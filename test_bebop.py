@@ -1213,6 +1213,10 @@ def test_every_experiment_runs_end_to_end_and_a_second_sweep_reuses_its_heads_an
     assert [x for x in again if not isinstance(x, float)] == [x for x in torch.utils._pytree.tree_leaves(first)
                                                               if not isinstance(x, float)]
     assert [x for x in again if isinstance(x, float)] == pytest.approx(numbers, rel=1e-9)   # threads sum in any order
+    trained = []   # --overwrite redoes the heads: each head's checkpoint is removed and its training runs again
+    monkeypatch.setattr(bebop, "train_mtp", lambda run, *a, **k: trained.append(run.out))
+    bebop.main(argv[:-4] + ["--experiment", "losses", "--overwrite", "--out", str(tmp_path)])
+    assert len(trained) == 2 * len(bebop.MTP_LOSSES) and not any(os.path.exists(f"{o}/mtp.pt") for o in trained)
 
 
 def test_an_experiment_reuses_a_cached_rl_run_only_if_made_with_the_same_settings(tmp_path):
