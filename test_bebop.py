@@ -1270,6 +1270,10 @@ def test_bf16_rollout_weights_track_the_trainer_and_a_bf16_run_trains(drafted_mo
     assert not all(torch.equal(a, b) for a, b in zip(used[0], used[-1])), "rollouts never saw the updated policy"
     assert all(torch.equal(q, p.detach().to(torch.bfloat16)) for q, p in zip(evaluated[-1], trained.parameters())), \
         "the summary evaluated the policy as it was before its last update"
+    used.clear()   # the bench's GRPO step rolls out as the run does
+    tc, task = bebop.configure(bebop.parse_args(TINY_RUN + ["--precision", "bf16"]))[:2]
+    bebop.time_grpo_steps(trained, task, tc, "cpu", dict(plain=0), 1)
+    assert used and all(p.dtype == torch.bfloat16 for step in used for p in step)
     sft = [e["loss"] for e in map(json.loads, open(tmp_path / "log.jsonl")) if e["stage"] == "sft"]
     assert sft[-1] < sft[0] - 0.3 and summary["accept_length"] > 1.5 and math.isfinite(summary["reward_after"])
 
