@@ -1178,9 +1178,11 @@ def test_runs_never_take_another_runs_checkpoints_unless_told(finished_run, tmp_
     for change in ("seed 1337 -> 9", "mtp_loss 'e2e_tv' -> 'ce'", "rl_steps 6 -> 9", "n_layer 2 -> 6", "--overwrite"):
         assert change in differ, (change, differ)   # every difference, of every stage, in the one line
     differ = refusal(TINY_RUN + ["--out", str(out), "--experiment", "losses", "--overwrite", "--seed", "9"])
-    assert "sft.pt was made with other settings (seed 1337 -> 9)" in differ and "another --out" in differ, differ
+    assert "sft.pt was made with other settings (seed 1337 -> 9)" in differ, differ
+    assert differ.endswith("or use another --out: experiments start from its sft.pt"), differ   # not --overwrite
     differ = refusal(TINY_RUN + ["--out", str(out), "--bench", "--seed", "9"])   # the bench never overwrites either
-    assert "mtp.pt was made with other settings (seed 1337 -> 9)" in differ and "another --out" in differ, differ
+    assert "mtp.pt was made with other settings (seed 1337 -> 9)" in differ, differ
+    assert differ.endswith("or use another --out: the bench times the run in it"), differ
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     (tmp_path / "file").write_text("x")
     for path in (tmp_path / "file", tmp_path / "file" / "inside"):
