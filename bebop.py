@@ -1442,8 +1442,8 @@ class Lab:
         torch.manual_seed(tc.seed)
         self.sft, self.out, self.heads, self.cache, self.columns = GPT(self.cfg).to(self.device), args.out, {}, {}, None
         self.overwrite = args.overwrite   # redo the heads and RL runs cached in --out
-        with Run(args.out, tc, self.cfg, True, stages=("sft",), afresh="use another --out: experiments start from its "
-                 "sft.pt") as run:
+        with Run(args.out, tc, self.cfg, resume=True, stages=("sft",),
+                 afresh="use another --out: experiments start from its sft.pt") as run:
             train_sft(run, self.sft, self.task, torch.Generator().manual_seed(tc.seed), self.device)
         # Heads train on half the default run's batch; RL runs take 2/5 of its steps and half its prompts: the budget.
         self.tc = replace(tc, gamma=3, batch_size=max(1, tc.batch_size // 2), rl_prompts=max(1, tc.rl_prompts // 2),
@@ -1469,8 +1469,8 @@ class Lab:
             tc, model = replace(self.tc, mtp_loss=loss, seed=self.tc.seed + seed), deepcopy(self.sft)
             torch.manual_seed(1000 + seed)
             model.mtp.load_state_dict(GPT(self.cfg).mtp.state_dict())   # this seed's fresh MTP layer
-            with Run(f"{self.out}/exp_mtp_{loss}_s{seed}", tc, self.cfg, not self.overwrite, self.overwrite,
-                     stages=("mtp",)) as r:
+            with Run(f"{self.out}/exp_mtp_{loss}_s{seed}", tc, self.cfg, resume=not self.overwrite,
+                     overwrite=self.overwrite, stages=("mtp",)) as r:
                 train_mtp(r, model, self.task, torch.Generator().manual_seed(tc.seed), self.device, self.data)
             self.heads[loss, seed] = model.eval()
         return self.heads[loss, seed]
@@ -1846,8 +1846,8 @@ def run_benchmark(args) -> list:
     tc, task, cfg, device, _, _ = configure(args)
     torch.manual_seed(tc.seed)
     model, cuda, rows = GPT(cfg).to(device), device.startswith("cuda"), []
-    with Run(args.out, tc, cfg, True, stages=("sft", "mtp"), afresh="use another --out: the bench times the run "
-             "in it") as run:
+    with Run(args.out, tc, cfg, resume=True, stages=("sft", "mtp"),
+             afresh="use another --out: the bench times the run in it") as run:
         train_sft(run, model, task, gen := torch.Generator().manual_seed(tc.seed), device)
         train_mtp(run, model, task, gen, device)
     policy, held = rollout_weights(model.eval(), tc.precision), held_out_prompts(task, 512, tc.task_seed, device)[0]
