@@ -1971,7 +1971,7 @@ def train(args):
         train_sft(run, model, task, gen_data, device)
         train_mtp(run, model, task, gen_data, device)
         rl = train_grpo(run, model, task, gen_data, gen_roll, device, held_out)
-        summary = summarize(run, task, held_out, rl, device) if rank == 0 else None
+    summary = summarize(run, task, held_out, rl, device) if rank == 0 else None   # every stage saved: Ctrl-C stops it
     if world > 1:
         dist.destroy_process_group()
     return model, summary

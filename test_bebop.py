@@ -1237,7 +1237,7 @@ def test_an_experiment_reuses_a_cached_rl_run_only_if_made_with_the_same_setting
         bebop.rl_run(lab, "fast", 1)
 
 
-def test_a_resumed_finished_run_reevaluates_and_keeps_its_wall_time(finished_run, tmp_path, capsys):
+def test_a_resumed_finished_run_reevaluates_and_keeps_its_wall_time(finished_run, tmp_path, capsys, monkeypatch):
     out = copy_run(finished_run, tmp_path)
     trained = torch.load(out / "grpo.pt", weights_only=False)["wall_seconds"]   # the run's time through RL
     summary = bebop.main(TINY_RUN + ["--out", str(out), "--resume"])
@@ -1245,6 +1245,10 @@ def test_a_resumed_finished_run_reevaluates_and_keeps_its_wall_time(finished_run
     assert "the policy on 32 held-out prompts" in capsys.readouterr().out
     # the start and middle were measured on the run's prompts: other held-out prompts would compare unlike things
     assert "eval_prompts 32 -> 16" in refusal(TINY_RUN + ["--out", str(out), "--resume", "--eval-prompts", "16"])
+    interrupt_at_call(monkeypatch, "time_rollouts", n=1)   # every stage is saved: Ctrl-C in the summary stops at once
+    with pytest.raises(SystemExit, match="^\ninterrupted$"):
+        bebop.main(TINY_RUN + ["--out", str(out), "--resume"])
+    assert "saving after the step" not in capsys.readouterr().err
 
 
 def test_bf16_rollout_weights_track_the_trainer_and_a_bf16_run_trains(drafted_model, tmp_path, monkeypatch):
