@@ -448,8 +448,7 @@ def rejection_sample(target_probs, draft_probs, draft_tokens, generator=None):
             target_probs.is_floating_point() and draft_probs.is_floating_point()):
         raise ValueError(f"expected float target_probs (B, gamma+1, V) = ({B}, {gamma + 1}, V) and draft_probs "
                          f"(B, gamma, V) = ({B}, {gamma}, V) with one V, got {tuple(target_probs.shape)} "
-                         f"{target_probs.dtype} and "
-                         f"{tuple(draft_probs.shape)} {draft_probs.dtype}")
+                         f"{target_probs.dtype} and {tuple(draft_probs.shape)} {draft_probs.dtype}")
     p, q = target_probs.float(), draft_probs.float()
     p_d = p[:, :gamma].gather(-1, draft_tokens[..., None]).squeeze(-1)   # (B, gamma)
     q_d = q.gather(-1, draft_tokens[..., None]).squeeze(-1)

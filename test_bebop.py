@@ -670,6 +670,32 @@ def test_rollout_logprobs_equal_the_trainers(sft_policy, task, temperature):
                                   roll.logprobs, atol=1e-3)
 
 
+def test_group_advantages_and_grpo_loss_by_hand():
+    """The formulas a reader lifts, against values worked out here in plain Python: advantages normalised within each
+    group of consecutive samples (sample std), a constant group 0; the clipped surrogate (Eq. 3) per token, averaged
+    within a sample over its kept tokens, then over samples; the k3 KL term and the entropy bonus."""
+    rewards, A = [1, 0, 1, 0, 5, 5, 5, 5, 0, 1, 2, 3], []
+    for i in range(0, 12, 4):
+        group = rewards[i:i + 4]
+        mean, std = sum(group) / 4, math.sqrt(sum((r - sum(group) / 4) ** 2 for r in group) / 3)
+        A += [(r - mean) / (std + 1e-6) for r in group]
+    torch.testing.assert_close(bebop.group_advantages(torch.tensor(rewards, dtype=torch.float64), 4),
+                               torch.tensor(A, dtype=torch.float64))
+    ratios, adv, mask = [[0.5, 1.0, 1.5], [0.5, 1.5, 9.0]], [1.0, -2.0], [[1, 1, 1], [1, 1, 0]]
+    H = [[0.3, 0.2, 0.1], [1.0, 2.0, 3.0]]
+    for kl_coef, entropy_coef in ((0.0, 0.0), (0.1, 0.0), (0.0, 0.5), (0.1, -0.5)):
+        per_sample = []
+        for r, a, m, h in zip(ratios, adv, mask, H):   # ref_logp = old_logp = 0, logp = log r
+            terms = [-min(x * a, min(max(x, 0.8), 1.2) * a) + kl_coef * (1 / x + math.log(x) - 1) - entropy_coef * e
+                     for x, e in zip(r, h)]
+            per_sample.append(sum(t * k for t, k in zip(terms, m)) / sum(m))
+        logp = torch.tensor(ratios, dtype=torch.float64).log()
+        loss = bebop.grpo_loss(logp, torch.zeros_like(logp), torch.tensor(adv, dtype=torch.float64),
+                               torch.tensor(mask, dtype=torch.bool), 0.2, kl_coef, torch.zeros_like(logp), entropy_coef,
+                               torch.tensor(H, dtype=torch.float64))
+        assert loss.item() == pytest.approx(sum(per_sample) / 2, abs=1e-12), (kl_coef, entropy_coef)
+
+
 def logprob_change_against_advantage(model, task, loss_fn):
     """The correlation, over samples, between the advantage and how much one small gradient step of loss_fn moved the
     sample's log-probability."""
