@@ -505,7 +505,8 @@ def hand_count_stats(rounds, max_new_tokens, eos, gamma):
 @pytest.mark.parametrize("eos,max_new", [(None, 13), (2, 30), (5, 11)])
 def test_acceptance_statistics_count_only_kept_tokens(drafted_model, draft, eos, max_new, monkeypatch):
     """The histogram, alpha_j and accept_length equal a hand count (end marks inside accepted runs, the cap cutting a
-    round short); kept tokens = emitted tokens after each row's first; per-row rounds add up to the row-rounds."""
+    round short); kept tokens = emitted tokens after each row's first; per-row rounds add up to the row-rounds; the
+    experiments' per-row count (counted) agrees."""
     rounds = recorded_rounds(monkeypatch)
     prompt = torch.randint(0, 8, (24, 3), generator=torch.Generator().manual_seed(1))
     out = bebop.speculative_generate(drafted_model, prompt, max_new, gamma=3, draft=draft, eos=eos,
@@ -514,7 +515,8 @@ def test_acceptance_statistics_count_only_kept_tokens(drafted_model, draft, eos,
     hist, reached, accepted = hand_count_stats(rounds, max_new, eos, 3)
     assert (st["accept_histogram"], st["drafts_reached"], st["drafts_accepted"]) == (hist, reached, accepted)
     assert bebop.kept_tokens(hist) == int(out.mask.sum()) - 24 and sum(hist) == int(out.rounds.sum())
-    assert st["accept_length"] == pytest.approx(bebop.kept_tokens(hist) / sum(hist))
+    assert st["accept_length"] == pytest.approx(bebop.kept_tokens(hist) / sum(hist)) == bebop.counted(out)
+    assert bebop.counted(out, [0]) == pytest.approx((int(out.mask[0].sum()) - 1) / max(1, int(out.rounds[0])))
     assert st["acceptance"] == pytest.approx([a / r for a, r in zip(accepted, reached)])
     assert sum(reached) < sum(int(r["running"].sum()) for r in rounds) * 3, "no draft was discarded: the case tests nothing"
     if eos is not None:
@@ -1025,6 +1027,40 @@ def test_teacher_forced_acceptance_of_a_head_equal_to_the_policy_is_one(drafted_
     assert bebop.tokens_per_forward([0.8] * 4) == pytest.approx(3.3616)   # the paper's example of Eq. 12
 
 
+def test_teacher_forced_compares_each_kept_token_but_the_first_k_at_depth_k(drafted_model, monkeypatch):
+    """valid marks the drafts whose target is a kept answer token: of a row's n kept tokens the first is sampled at the
+    prefill and never drafted, so depth k has n - k targets, whatever the EOS cut off."""
+    monkey = torch.randint(0, 8, (8, 4), generator=torch.Generator().manual_seed(0))
+    roll = bebop.speculative_generate(drafted_model, monkey, 24, gamma=3, eos=0, generator=torch.Generator().manual_seed(2))
+    n = roll.mask.sum(1)
+    assert n.min() < 3 and n.max() == 24, "the check needs rows cut short by the EOS (some below k) and full rows"
+    monkeypatch.setattr(bebop, "PROMPT_LEN", 4)
+    valid = bebop.teacher_forced(drafted_model, roll.tokens, roll.mask, 3)["valid"]
+    for k in (1, 2, 3):
+        assert valid[..., k - 1].sum(1).tolist() == (n - k).clamp(min=0).tolist(), k
+
+
+def test_evaluate_reports_the_kl_of_the_policy_from_its_start(sft_policy, task, monkeypatch):
+    """kl is KL(pi || pi_0) per kept answer token, worked out here a position at a time with full forwards on
+    evaluate's own rollouts; KL(pi_0 || pi), the other direction, is another number here, so a swap fails."""
+    start, g = copy.deepcopy(sft_policy), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in start.parameters():
+            p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
+    rolls, real = [], bebop.speculative_generate
+    monkeypatch.setattr(bebop, "speculative_generate", lambda *a, **k: rolls.append(real(*a, **k)) or rolls[-1])
+    kl = bebop.evaluate(sft_policy, start, task, task.prompts(8, torch.Generator().manual_seed(3)))["kl"]
+    forward, reverse = [], []
+    with torch.no_grad():
+        for tokens, mask in zip(rolls[0].tokens, rolls[0].mask):
+            for j in range(int(mask.sum())):   # answer token j is drawn from the law after the first P + j tokens
+                p, r = (F.softmax(m(tokens[None, :bebop.PROMPT_LEN + j])[0, -1].double(), -1) for m in (sft_policy, start))
+                forward.append((p * (p / r).log()).sum().item())
+                reverse.append((r * (r / p).log()).sum().item())
+    assert kl == pytest.approx(sum(forward) / len(forward), rel=1e-4)
+    assert abs(sum(reverse) / len(reverse) - kl) > 0.03 * kl, (kl, sum(reverse) / len(reverse))   # 7% apart here
+
+
 def functools_partial(fn, **kw):
     return lambda *a, **k: fn(*a, **k, **kw)
 
@@ -1060,6 +1096,9 @@ def test_intervals_resample_the_independent_unit():
     wide, narrow = bebop.bootstrap(lambda i: sum(x[j] for j in i) / len(i), 200, 20), bebop.bootstrap(lambda i: sum(x[j] for j in i) / len(i), 200)
     assert wide[1] - wide[0] > 2 * (narrow[1] - narrow[0])   # moving blocks see the drift that single steps hide
     assert bebop.bootstrap(lambda i: 0.1 + len(i), 5) == (5.1, 5.1)   # in float64: no digits lost to float32
+    z = torch.randn(400, generator=g, dtype=torch.float64).tolist()   # the level: about the normal 95% interval of a mean
+    lo, hi = bebop.bootstrap(lambda i: sum(z[j] for j in i) / len(i), len(z))
+    assert hi - lo == pytest.approx(2 * 1.96 * torch.tensor(z).std().item() / 20, rel=0.1)   # a 90% one: 16% narrower
 
 
 def test_decompose_finds_b_when_drift_starts_inside_the_early_phase():
@@ -1131,11 +1170,11 @@ def interrupt_at_call(monkeypatch, where, n=3):
 
 
 @pytest.mark.parametrize("where,flags", [("sft_loss", []), ("mtp_training_loss", []),
-                                         ("grpo_loss", ["--mtp-online", "e2e_tv", "--temperature", "0.8"])])
+                                         ("grpo_loss", ["--mtp-online", "e2e_tv", "--temperature", "0.8", "--kl-coef", "0.1"])])
 def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, capsys, where, flags):
     """Bit for bit with a fixed gamma: the weights, and each GRPO step's rollouts (the tiny run earns little reward, so
     equal weights alone would show little), including the MTP stage (its policy samples are made again) and an RL run
-    that updates the MTP layer online (its optimizer is in the checkpoint)."""
+    that updates the MTP layer online (its optimizer is in the checkpoint) with a KL term (its pi_0 is restored)."""
     full, _ = bebop.train(bebop.parse_args(TINY_RUN + flags + ["--out", str(tmp_path / "a")]))
     interrupt_at_call(monkeypatch, where)
     with pytest.raises(KeyboardInterrupt, match="continue with --resume"):
@@ -1261,6 +1300,20 @@ def test_an_experiment_reuses_a_cached_rl_run_only_if_made_with_the_same_setting
     path.write_text(json.dumps(dict(steps="cached")))
     with pytest.raises(bebop.RunError, match=r"other settings \(it records none\)"):
         bebop.rl_run(lab, "fast", 1)
+
+
+def test_a_finished_run_kept_its_head_frozen_and_its_summary_reads_its_log(finished_run):
+    """The recipe freezes the MTP layer through RL; MTP training starts on CE for mtp_ce_warmup of its steps; and the
+    summary's entropy and accept length are those of the last GRPO steps in log.jsonl (here all 6, of up to 10)."""
+    mtp, grpo = (torch.load(finished_run / f"{s}.pt", weights_only=False)["model"] for s in ("mtp", "grpo"))
+    assert all(torch.equal(v, grpo[k]) for k, v in mtp.items() if k.startswith("mtp.")), "RL moved the MTP layer"
+    assert not all(torch.equal(v, grpo[k]) for k, v in mtp.items()), "RL did not move the policy"
+    log = [json.loads(line) for line in open(finished_run / "log.jsonl")]
+    assert [m["objective"] for m in log if m["stage"] == "mtp"] == ["ce"] * 4 + ["e2e_tv"] * 4
+    last, summary = [m for m in log if m["stage"] == "grpo"][-10:], json.load(open(finished_run / "summary.json"))
+    assert summary["entropy"] == pytest.approx(sum(m["entropy"] for m in last) / len(last), rel=1e-12)
+    kept, rounds = sum(m["kept_tokens"] for m in last), sum(m["row_rounds"] for m in last)
+    assert summary["accept_length"] == pytest.approx(kept / rounds, rel=1e-12) and kept > rounds
 
 
 def test_a_resumed_finished_run_reevaluates_and_keeps_its_wall_time(finished_run, tmp_path, capsys, monkeypatch):
