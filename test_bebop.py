@@ -734,6 +734,7 @@ def grpo_reward_gain(model, task, tmp_path, steps=40):
         rl = bebop.train_grpo(run, model, task, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1), "cpu", held)
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert len(log) == steps and all(0 <= m["reward"] <= 1 and len(m["drafts_reached"]) == 5 for m in log)
+    assert [m["reward"] for m in rl["recent"]] == [m["reward"] for m in log[-10:]]   # what the summary averages
     return bebop.evaluate(rl["policy"], model, task, held)["reward"] - before
 
 
@@ -1121,6 +1122,17 @@ def test_mean_ci_is_a_t_interval():
 # ------------------------------------------------------------------------------------------- 11. runs
 
 
+def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine_to_a_tenth():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+    lrs = []
+    for step in range(100):
+        bebop.set_lr(opt, step, 100, 2.0, warmup=10)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[:11] == pytest.approx([0.2 * (s + 1) for s in range(10)] + [2.0])
+    assert lrs[55] == pytest.approx(0.2 + 1.8 / 2) and lrs[-1] == pytest.approx(0.2, abs=1e-3)   # halfway; the end
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))
+
+
 def _ddp_worker(rank, world, port, out, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -1191,6 +1203,9 @@ def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tmp_path, monk
     logs = [[{k: m[k] for k in keys} for m in map(json.loads, open(tmp_path / r / "log.jsonl")) if m["stage"] == "grpo"]
             for r in ("a", "b")]
     assert logs[0] == logs[1] and len(logs[0]) == 6
+    heads = [{k: v for k, v in torch.load(tmp_path / "a" / f"{s}.pt", weights_only=False)["model"].items()
+              if k.startswith("mtp.")} for s in ("mtp", "grpo")]
+    assert all(torch.equal(v, heads[1][k]) for k, v in heads[0].items()) == ("--mtp-online" not in flags)
     assert summary["reward_before"] == json.load(open(tmp_path / "a" / "summary.json"))["reward_before"]
 
 
@@ -1301,10 +1316,20 @@ def test_an_experiment_reuses_a_cached_rl_run_only_if_made_with_the_same_setting
     with pytest.raises(bebop.RunError, match=r"other settings \(it records none\)"):
         bebop.rl_run(lab, "fast", 1)
 
+    class Redone(Exception):
+        pass
+
+    def head(*args):   # --overwrite: the run is made again, from the lab's heads
+        raise Redone
+    lab.overwrite, lab.head = True, head
+    with pytest.raises(Redone):
+        bebop.rl_run(lab, "fast", 1)
+
 
 def test_a_finished_run_kept_its_head_frozen_and_its_summary_reads_its_log(finished_run):
-    """The recipe freezes the MTP layer through RL; MTP training starts on CE for mtp_ce_warmup of its steps; and the
-    summary's entropy and accept length are those of the last GRPO steps in log.jsonl (here all 6, of up to 10)."""
+    """The recipe freezes the MTP layer through RL; MTP training starts on CE for mtp_ce_warmup of its steps; the
+    summary's entropy and accept length are those of the last GRPO steps in log.jsonl (here all 6, of up to 10), and
+    its reward gain is paired by prompt."""
     mtp, grpo = (torch.load(finished_run / f"{s}.pt", weights_only=False)["model"] for s in ("mtp", "grpo"))
     assert all(torch.equal(v, grpo[k]) for k, v in mtp.items() if k.startswith("mtp.")), "RL moved the MTP layer"
     assert not all(torch.equal(v, grpo[k]) for k, v in mtp.items()), "RL did not move the policy"
@@ -1314,6 +1339,16 @@ def test_a_finished_run_kept_its_head_frozen_and_its_summary_reads_its_log(finis
     assert summary["entropy"] == pytest.approx(sum(m["entropy"] for m in last) / len(last), rel=1e-12)
     kept, rounds = sum(m["kept_tokens"] for m in last), sum(m["row_rounds"] for m in last)
     assert summary["accept_length"] == pytest.approx(kept / rounds, rel=1e-12) and kept > rounds
+    # The reward gain's interval resamples prompts, each prompt's reward after RL paired with its own before it.
+    ckpt = torch.load(finished_run / "grpo.pt", weights_only=False)
+    model, tc = bebop.GPT(bebop.GPTConfig(**ckpt["model_config"])), ckpt["train"]
+    model.load_state_dict(ckpt["model"])
+    task = bebop.DigitSumTask(seed=tc["task_seed"])
+    held = bebop.held_out_prompts(task, tc["eval_prompts"], tc["task_seed"], "cpu")
+    after = bebop.evaluate(model, model, task, held, tc["temperature"], tc["seed"])["rewards"]
+    gain = [a - b for a, b in zip(after, ckpt["extra"]["evaluations"]["0"]["rewards"])]
+    assert summary["reward_after"] == pytest.approx(sum(after) / len(after))
+    assert summary["reward_gain_ci"] == pytest.approx(bebop.bootstrap(lambda i: sum(gain[j] for j in i) / len(i), len(gain)))
 
 
 def test_a_resumed_finished_run_reevaluates_and_keeps_its_wall_time(finished_run, tmp_path, capsys, monkeypatch):
