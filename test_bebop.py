@@ -623,12 +623,27 @@ def test_numpy_integers_one_new_token_and_a_generator_reproduce():
 
 
 def test_reward_on_hand_written_answers(task):
-    answers = ["12345.", "9990.", "12346.", "1234.", "12S", "123456.", "..", "5.", "0000000."]
-    S, N = torch.tensor([15, 27, 15, 10, 15, 15, 0, 5, 0]), torch.tensor([5, 4, 5, 5, 5, 5, 0, 1, 3])
+    answers = ["12345.", "9990.", "12346.", "1234.", "12S", "123456.", "..", "5.", "0000000.", "1234567890"]
+    S, N = torch.tensor([15, 27, 15, 10, 15, 15, 0, 5, 0, 45]), torch.tensor([5, 4, 5, 5, 5, 5, 0, 1, 3, 10])
     tokens = torch.stack([F.pad(bebop.encode(a), (0, 10 - len(a)), value=bebop.EOS) for a in answers])
-    r, correct = task.reward(tokens, S, N)
-    assert correct.tolist() == [True, True, False, False, False, False, True, True, False]
-    assert r.tolist() == pytest.approx([1, 1, 0.5 + 0.5 * 0.9, 0.5, 0, 0.5 * 0.4, 1, 1, 0.5])
+    r, correct = task.reward(tokens, S, N)   # the last has the right digits but never ends: not well formed
+    assert correct.tolist() == [True, True, False, False, False, False, True, True, False, False]
+    assert r.tolist() == pytest.approx([1, 1, 0.5 + 0.5 * 0.9, 0.5, 0, 0.5 * 0.4, 1, 1, 0.5, 0])
+
+
+def test_mtp_chain_targets_lay_out_chains_by_hand():
+    """Two sequences of 8 tokens, 7 and 5 of them real, the answer from position 3, K = 2: a chain per anchor t >= 2
+    whose first step lies inside the answer; step k of anchor t holds draft row (k, t), the backbone's row t + k, the
+    token x_{t+k+1}, and is masked once x_{t+k+1} lies past the end."""
+    seq, lengths = torch.arange(10, 18).repeat(2, 1), torch.tensor([7, 5])
+    target = torch.arange(8.0)[None, :, None].repeat(2, 1, 3)            # row j holds j
+    draft = (100 * torch.arange(1, 3)[:, None] + torch.arange(8)).float()[None, :, :, None].repeat(2, 1, 1, 1)
+    d, t, labels, mask = bebop.mtp_chain_targets(seq, lengths, target, draft, 3)
+    anchors = [2, 3, 4, 2]   # row 0: t + 1 <= 7 - 2; row 1: t + 1 <= 5 - 2
+    assert d[..., 0].tolist() == [[100 + a, 200 + a] for a in anchors]
+    assert t[..., 0].tolist() == [[a + 1, a + 2] for a in anchors]
+    assert labels.tolist() == [[10 + a + 2, 10 + a + 3] for a in anchors]
+    assert mask.tolist() == [[True, True], [True, True], [True, False], [True, False]]
 
 
 def test_task_prompts_and_style(task):
@@ -1275,7 +1290,8 @@ def test_runs_never_take_another_runs_checkpoints_unless_told(finished_run, tmp_
 def test_every_experiment_runs_end_to_end_and_a_second_sweep_reuses_its_heads_and_rl_runs(tmp_path, monkeypatch):
     """The findings' code on a toy budget (two seeds, three temperatures, RL runs of 4 steps, one held-out prompt):
     experiments.json holds every experiment, every number in it is finite, tokens per forward at gamma 3 lie in
-    [1, 4], shares in [0, 1]; a second sweep trains nothing, rolls out no GRPO step, and finds the same."""
+    [1, 4], shares in [0, 1], e2e TV minus each loss is paired by seed and the temperature change runs from low to
+    high; a second sweep trains nothing, rolls out no GRPO step, and finds the same."""
     monkeypatch.setattr(bebop, "SEEDS", (0, 1))
     monkeypatch.setattr(bebop, "TEMPERATURES", (0.7, 1.0, 1.3))
     argv = TINY_RUN + ["--rl-steps", "10", "--eval-prompts", "1", "--experiment", "all", "--out", str(tmp_path)]
@@ -1287,6 +1303,10 @@ def test_every_experiment_runs_end_to_end_and_a_second_sweep_reuses_its_heads_an
         r = first["losses"][loss]
         assert all(1 <= r[k][0] <= 4 for k in ("rs_expected", "rs_counted", "to_expected", "to_counted")), (loss, r)
     assert all(1 <= x <= 4 for r in first["temperature"].values() for x in r["accept_length"])
+    for loss, diff in first["losses"]["e2e_tv_minus"].items():   # e2e TV minus each loss, paired seed by seed
+        for k, (value, _) in diff.items():
+            pairs = zip(first["losses"]["e2e_tv"]["seeds"], first["losses"][loss]["seeds"])
+            assert value == pytest.approx(sum(a[k] - b[k] for a, b in pairs) / 2), (loss, k)
     assert all(0 <= r["rs_wins_tokens"] <= 1 for r in first["boundary"].values())
     assert len(first["rl"]["runs"]) == 8 and all(len(r["steps"]) == 4 for r in first["rl"]["runs"].values())
     for name in ("mtp_training_loss", "grpo_step"):
@@ -1295,6 +1315,10 @@ def test_every_experiment_runs_end_to_end_and_a_second_sweep_reuses_its_heads_an
     assert [x for x in again if not isinstance(x, float)] == [x for x in torch.utils._pytree.tree_leaves(first)
                                                               if not isinstance(x, float)]
     assert [x for x in again if isinstance(x, float)] == pytest.approx(numbers, rel=1e-9)   # threads sum in any order
+    wider = bebop.main(argv[:-6] + ["--eval-prompts", "16", "--experiment", "temperature", "--out", str(tmp_path)])
+    for r in wider["temperature"].values():   # the change runs from the lowest temperature to the highest
+        assert r["change"][0] == pytest.approx(r["accept_length"][-1] - r["accept_length"][0])
+    assert any(r["change"][0] != 0 for r in wider["temperature"].values()), "one prompt: no change to test"
     trained = []   # --overwrite redoes the heads: each head's checkpoint is removed and its training runs again
     monkeypatch.setattr(bebop, "train_mtp", lambda run, *a, **k: trained.append(run.out))
     bebop.main(argv[:-4] + ["--experiment", "losses", "--overwrite", "--out", str(tmp_path)])
