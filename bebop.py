@@ -1970,7 +1970,7 @@ def train(args):
         train_sft(run, model, task, gen_data, device)
         train_mtp(run, model, task, gen_data, device)
         rl = train_grpo(run, model, task, gen_data, gen_roll, device, held_out)
-    summary = summarize(run, task, held_out, rl, device) if rank == 0 else None   # every stage saved: Ctrl-C stops it
+    summary = summarize(run, task, held_out, rl, device) if rank == 0 else None   # all saved: Ctrl-C here stops at once
     if world > 1:
         dist.destroy_process_group()
     return model, summary
