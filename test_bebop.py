@@ -1046,8 +1046,8 @@ def test_teacher_forced_acceptance_of_a_head_equal_to_the_policy_is_one(drafted_
 def test_teacher_forced_compares_each_kept_token_but_the_first_k_at_depth_k(drafted_model, monkeypatch):
     """valid marks the drafts whose target is a kept answer token: of a row's n kept tokens the first is sampled at the
     prefill and never drafted, so depth k has n - k targets, whatever the EOS cut off."""
-    monkey = torch.randint(0, 8, (8, 4), generator=torch.Generator().manual_seed(0))
-    roll = bebop.speculative_generate(drafted_model, monkey, 24, gamma=3, eos=0, generator=torch.Generator().manual_seed(2))
+    prompts = torch.randint(0, 8, (8, 4), generator=torch.Generator().manual_seed(0))
+    roll = bebop.speculative_generate(drafted_model, prompts, 24, gamma=3, eos=0, generator=torch.Generator().manual_seed(2))
     n = roll.mask.sum(1)
     assert n.min() < 3 and n.max() == 24, "the check needs rows cut short by the EOS (some below k) and full rows"
     monkeypatch.setattr(bebop, "PROMPT_LEN", 4)
