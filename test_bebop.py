@@ -1065,7 +1065,8 @@ def test_evaluate_reports_the_kl_of_the_policy_from_its_start(sft_policy, task, 
             p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
     rolls, real = [], bebop.speculative_generate
     monkeypatch.setattr(bebop, "speculative_generate", lambda *a, **k: rolls.append(real(*a, **k)) or rolls[-1])
-    kl = bebop.evaluate(sft_policy, start, task, task.prompts(8, torch.Generator().manual_seed(3)))["kl"]
+    prompts = task.prompts(8, torch.Generator().manual_seed(3))
+    kl = bebop.evaluate(sft_policy, start, task, prompts)["kl"]
     forward, reverse = [], []
     with torch.no_grad():
         for tokens, mask in zip(rolls[0].tokens, rolls[0].mask):
@@ -1075,6 +1076,18 @@ def test_evaluate_reports_the_kl_of_the_policy_from_its_start(sft_policy, task, 
                 reverse.append((r * (r / p).log()).sum().item())
     assert kl == pytest.approx(sum(forward) / len(forward), rel=1e-4)
     assert abs(sum(reverse) / len(reverse) - kl) > 0.03 * kl, (kl, sum(reverse) / len(reverse))   # 7% apart here
+    rs = bebop.evaluate(sft_policy, start, task, prompts, temperature=0.5)["rs"]   # drafted and measured at T = 0.5
+    tf = bebop.teacher_forced(sft_policy, rolls[-1].tokens, rolls[-1].mask, 3, 0.5)
+    assert rs == pytest.approx(bebop.tokens_per_forward(bebop.masked_mean(tf["rs"], tf["valid"]).tolist()))
+
+
+def test_policy_samples_are_laid_out_like_sft_batches(sft_policy, task):
+    """[prompt, answer up to its end mark, padding] and the length through the end mark (or the full width)."""
+    seq, lengths = bebop.policy_samples(sft_policy, task, 16, torch.Generator().manual_seed(0))
+    assert seq.shape == (16, task.seq_len) and (seq[:, :bebop.PROMPT_LEN] < 10).sum() == 16 * 5   # S, N digits
+    for row, n in zip(seq, lengths.tolist()):
+        answer = row[bebop.PROMPT_LEN:n]
+        assert (answer[:-1] != bebop.EOS).all() and (answer[-1] == bebop.EOS or n == task.seq_len), (row, n)
 
 
 def functools_partial(fn, **kw):
@@ -1128,6 +1141,52 @@ def test_decompose_finds_b_when_drift_starts_inside_the_early_phase():
     assert bebop.lstsq(alpha[:30], H[:30])[1] < -0.65   # without the trend, part of the drift is taken for entropy
     assert d["delta"] == pytest.approx(d["entropy_term"] + d["residual"])
     assert d["residual"] == pytest.approx(-0.002 * 80, abs=0.01)
+
+
+def test_rl_entropy_and_decomposition_findings_by_hand(monkeypatch):
+    """experiment_rl, _entropy and _decomposition on made-up runs whose answers are known: every rule's alpha_1 falls
+    linearly in H (slope -beta) with a drift of 0.001 a step on the fixed contexts only, KL grows c / 1024 a step."""
+    beta = {("ce", "to"): 0.3, ("ce", "rs"): 0.1, ("kl", "rs"): 0.08, ("e2e_tv", "rs"): 0.05}
+    heads = lambda H, step: {h: {k: [0.9 - beta.get((h, k), 0.2) * H + 0.001 * step, 0.0, 0.0] for k in ("rs", "to")}
+                             for h in ("ce", "kl", "e2e_tv", "online")}
+    def run(c, slope):   # H rises `slope` a step (with a wiggle, so that H and the step are not collinear)
+        H = [1 + slope * i + 0.1 * math.sin(i) for i in range(30)]
+        Hf = [2 + slope * i / 2 + 0.1 * math.cos(i) for i in range(30)]
+        steps = [dict(entropy=H[i], fixed_entropy=Hf[i], kl_to_start=c * i / 1024, rollouts=heads(H[i], 0),
+                      fixed=heads(Hf[i], i)) for i in range(30)]
+        return dict(steps=steps, lr=1e-4, online="none", start=dict(reward=0.5, counted=3.0),
+                    end=dict(reward=0.6, counted=2.9))
+    made = dict(recipe_s0=run(1, 0.001), recipe_s1=run(2, 0.001), fast_s0=run(8, 0.001), fast_s1=run(9, 0.001),
+                entropy_up_s0=run(3, 0.05), entropy_down_s0=run(4, -0.05), online_ce_s0=run(5, 0.001),
+                online_e2e_tv_s0=run(6, 0.001))
+    monkeypatch.setattr(bebop, "rl_run", lambda lab, name, seed: made[f"{name}_s{seed}"])
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.rand(20, generator=g) * 2 for _ in range(9)]   # per token: H of 9 rows, alpha_1 linear in it
+    per_token = dict(entropy=rows, **{f"{k}_{h}": [0.9 - beta[h, k] * H for H in rows] for h, k in beta})
+    lab = types.SimpleNamespace(tc=bebop.TrainConfig(rl_steps=30), per_token=lambda T: per_token)
+    rl = bebop.experiment_rl(lab)
+    assert rl["matched_kl"] == 29 / 1024   # the recipe run that travelled least: c = 1 for 29 steps
+    for key, c in (("recipe_s0", 1), ("recipe_s1", 2), ("fast_s0", 8), ("entropy_up_s0", 3)):
+        first = -(-29 // c)   # the first step whose KL reaches it; alpha_1 there minus at step 0
+        Hf = made[key]["steps"]
+        want = -beta["e2e_tv", "rs"] * (Hf[first]["fixed_entropy"] - Hf[0]["fixed_entropy"]) + 0.001 * first
+        assert rl["runs"][key]["alpha1_change_at_matched_kl"] == pytest.approx(want), key
+    pooled = bebop.experiment_entropy(lab, rl)
+    for rule, (head, k) in bebop.RULES.items():   # runs pooled: tokens per forward = 1 + alpha_1 against H
+        assert pooled["pooled"][rule][0] == pytest.approx(-beta[head, k], abs=1e-6), rule
+    slopes = {k: v[0] for k, v in pooled["per_token"].items()}   # per token: alpha_1 against H
+    assert slopes == pytest.approx(dict(to_ce=-0.3, rs_ce=-0.1, rs_e2e_tv=-0.05, rs_e2e_tv_minus_rs_ce=0.05), abs=1e-6)
+    split = bebop.experiment_decomposition(lab, rl)
+    mean10 = lambda x: sum(x[-10:]) / 10 - sum(x[:10]) / 10
+    for key, e in split.items():
+        H, Hf = ([s[k] for s in made[key]["steps"]] for k in ("entropy", "fixed_entropy"))
+        assert e["entropy_change"] == pytest.approx(mean10(H)) and e["reward_gain"] == pytest.approx(0.1)
+        assert bool(e["rules"]) == key.startswith("entropy"), key   # only they move H by 0.2 nats or more
+        for rule, d in e["rules"].items():
+            b = -beta[bebop.RULES[rule]]
+            assert d["b"] == pytest.approx(b, abs=1e-6) and d["residual"] == pytest.approx(0, abs=1e-6)
+            assert d["fixed_entropy_term"] == pytest.approx(b * mean10(Hf), abs=1e-6)
+            assert d["fixed_residual"] == pytest.approx(0.001 * 20, abs=1e-6)   # the drift, 20 steps between means
 
 
 def test_mean_ci_is_a_t_interval():
@@ -1310,6 +1369,13 @@ def test_every_experiment_runs_end_to_end_and_a_second_sweep_reuses_its_heads_an
     shares = [r["rs_wins_tokens"] for r in first["boundary"].values()]   # App. E: RS wins most tokens of a good head
     assert all(0.5 < x <= 1 for x in shares), shares
     assert len(first["rl"]["runs"]) == 8 and all(len(r["steps"]) == 4 for r in first["rl"]["runs"].values())
+    for head in ("ce", "kl", "e2e_tv"):   # RL's step 0 measures each head on Table 2's contexts, by another path
+        table2, rl0 = first["losses"][head]["seeds"][0], first["rl"]["runs"]["recipe_s0"]["steps"][0]["fixed"][head]
+        assert rl0["rs"] == pytest.approx(table2["rs_alphas"], abs=1e-5), head
+        assert bebop.tokens_per_forward(rl0["to"]) == pytest.approx(table2["to_expected"], abs=1e-5), head
+    for key, r in first["rl"]["runs"].items():   # each step is measured on the weights that wrote its rollouts; an
+        assert r["steps"][0]["kl_to_start"] == 0   # entropy bonus moves them every step (a group all scoring alike not)
+        assert r["steps"][-1]["kl_to_start"] > 0 or not key.startswith("entropy"), key
     for name in ("mtp_training_loss", "grpo_step"):
         monkeypatch.setattr(bebop, name, lambda *a, **k: pytest.fail("a cached head or RL run was made again"))
     again = torch.utils._pytree.tree_leaves(json.loads(json.dumps(bebop.main(argv))))
@@ -1364,6 +1430,10 @@ def test_a_finished_run_kept_its_head_frozen_and_its_summary_reads_its_log(finis
     assert summary["entropy"] == pytest.approx(sum(m["entropy"] for m in last) / len(last), rel=1e-12)
     kept, rounds = sum(m["kept_tokens"] for m in last), sum(m["row_rounds"] for m in last)
     assert summary["accept_length"] == pytest.approx(kept / rounds, rel=1e-12) and kept > rounds
+    accepted, reached = ([sum(m[k][j] for m in last) for j in range(3)] for k in ("drafts_accepted", "drafts_reached"))
+    assert summary["acceptance"][:3] == pytest.approx([a / r for a, r in zip(accepted, reached)], rel=1e-12)
+    assert summary["acceptance"][3:] == [None, None]   # gamma 3: depths 4 and 5 never drafted
+    assert summary["rollout_speedup"] == pytest.approx(summary["tokens_per_s"]["3"] / summary["tokens_per_s"]["0"])
     # The reward gain's interval resamples prompts, each prompt's reward after RL paired with its own before it.
     ckpt = torch.load(finished_run / "grpo.pt", weights_only=False)
     model, tc = bebop.GPT(bebop.GPTConfig(**ckpt["model_config"])), ckpt["train"]
@@ -1457,7 +1527,8 @@ def test_bench_writes_the_table(tmp_path):
     assert sum(next(r for r in decoding if r["gamma"] == "auto")["chosen"].values()) >= 3
     for r in (r for r in rows if r["mode"] == "pieces"):
         assert r["t_plain"] > 0 and len(r["t_round"]) == 5 and min(r["t_round"]) > 0 and r["ideal_speedup"] > 0
-        assert r["t_fixed"] + 3 * r["t_per_draft"] == pytest.approx(r["t_round"][2], rel=0.5)
+        fit = [r["t_fixed"] + g * r["t_per_draft"] for g in range(1, 6)]   # least squares: residuals sum to 0
+        assert sum(fit) == pytest.approx(sum(r["t_round"]), rel=1e-6)
     assert {r["rollout"] for r in rows if r["mode"] == "grpo_step"} == {"plain", "spec", "auto"}
     assert {r["variant"] for r in rows if r["mode"] == "tv_memory"} == {"plain_tv", "lean_tv", "plain_e2e", "lean_e2e"}
 
