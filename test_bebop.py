@@ -1168,8 +1168,8 @@ def test_rl_entropy_and_decomposition_findings_by_hand(monkeypatch):
     assert rl["matched_kl"] == 29 / 1024   # the recipe run that travelled least: c = 1 for 29 steps
     for key, c in (("recipe_s0", 1), ("recipe_s1", 2), ("fast_s0", 8), ("entropy_up_s0", 3)):
         first = -(-29 // c)   # the first step whose KL reaches it; alpha_1 there minus at step 0
-        Hf = made[key]["steps"]
-        want = -beta["e2e_tv", "rs"] * (Hf[first]["fixed_entropy"] - Hf[0]["fixed_entropy"]) + 0.001 * first
+        steps = made[key]["steps"]
+        want = -beta["e2e_tv", "rs"] * (steps[first]["fixed_entropy"] - steps[0]["fixed_entropy"]) + 0.001 * first
         assert rl["runs"][key]["alpha1_change_at_matched_kl"] == pytest.approx(want), key
     pooled = bebop.experiment_entropy(lab, rl)
     for rule, (head, k) in bebop.RULES.items():   # runs pooled: tokens per forward = 1 + alpha_1 against H
